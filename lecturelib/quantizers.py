@@ -229,10 +229,8 @@ def qparams_from_range(
     hi = torch.clamp(max_val, min=0.0)
     scale = ((hi.double() - lo.double()) / float(qmax - qmin)).clamp(min=tiny).float()
     scale = torch.where(constant, const_scale, scale)
+    # For a constant c < 0 this gives Z = qmin + 1, so c itself is the code Z - 1 = qmin.
     zp = qmin - torch.round(lo / scale)
-    # Constant c < 0 needs Z - 1 >= qmin so that q = Z - 1 decodes to -|c| = c.
-    zp = torch.where(constant & (min_val < 0), torch.full_like(zp, qmin + 1), zp)
-    zp = torch.where(constant & (min_val >= 0), torch.full_like(zp, qmin), zp)
     zero_point = torch.clamp(zp, qmin, qmax).to(torch.int32)
     return scale, zero_point
 
