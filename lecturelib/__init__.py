@@ -29,7 +29,19 @@ from .quantizers import (
 from .ste import ste_fake_quantize
 from .viz import plot_quant_grid, quant_explorer, show_matrices
 
-try:  # written in parallel; present once the integer-only ops land
-    from . import intops  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+from . import intops  # noqa: E402,F401
+
+
+def __getattr__(name: str):
+    """Import any other submodule on first use, so ``ll.clipping.aciq_alpha`` works without an
+    explicit import here (a notebook's own module can be added without touching this file)."""
+    import importlib
+
+    if name.startswith("_"):
+        raise AttributeError(name)
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"{__name__}.{name}":
+            raise AttributeError(f"module 'lecturelib' has no attribute or submodule {name!r}") from None
+        raise
