@@ -190,7 +190,8 @@ def qparams_from_range(
     symmetric:  S = |r|_max / q_max,                    Z = 0          (signed integers only)
 
     A degenerate range (r_min == r_max, a constant block) gets S = |c| (or 1 when c = 0) and a
-    zero point one code away from c, so that c reconstructs exactly instead of dividing by zero.
+    zero point one code away from c, so that c reconstructs exactly instead of dividing by zero
+    (exactly for every normal float32 c; a subnormal c comes back within 1.18e-38).
     The symmetric rule follows the lecture (S = |r|_max / q_max); PyTorch instead divides by
     (q_max - q_min) / 2, which is 127.5 rather than 127 for int8.
     Paper: Jacob et al. 2018 (eq. 1-2); Krishnamoorthi, "Quantizing deep convolutional networks
@@ -214,6 +215,9 @@ def qparams_from_range(
     constant = min_val == max_val
     const_mag = min_val.abs()
     const_scale = torch.where(const_mag > 0, const_mag, torch.ones_like(const_mag))
+    # A subnormal constant (|c| < 1.18e-38) would make 1 / S overflow: floor S at the smallest
+    # normal float32, so such a c comes back within that floor instead of as inf/NaN.
+    const_scale = const_scale.clamp(min=torch.finfo(torch.float32).tiny)
 
     # float64 for the division so that huge ranges do not overflow; the floor at the smallest
     # normal float32 keeps 1 / S finite for tiny (but non-zero) ranges.

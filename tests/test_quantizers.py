@@ -100,6 +100,15 @@ def test_constant_tensor_quantizes_exactly(c, shape, num_bits, symmetric):
     assert torch.equal(fake_quantize(x, qp), x)
 
 
+@pytest.mark.parametrize("c", [1e-40, -3e-45, 1.2e-38])
+def test_subnormal_constant_stays_finite(c):
+    x = torch.full((3,), c, dtype=torch.float32)
+    qp = choose_qparams(x, 8)
+    x_fq = fake_quantize(x, qp)
+    assert bool(torch.isfinite(x_fq).all())
+    assert float((x_fq - x).abs().max()) <= torch.finfo(torch.float32).tiny
+
+
 def test_zero_tensor_has_unit_scale_not_nan():
     qp = choose_qparams(torch.zeros(3, 4), 8, granularity=PerChannel(1))
     assert torch.equal(qp.scale, torch.ones(1, 4))
