@@ -37,22 +37,22 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $@
 
 workbook: $(STAMP)
-	OMP_NUM_THREADS=$(THREADS) $(PY) -m lecturelib.workbook run $(if $(call yes,$(FAST)),--fast) --out build
+	OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE $(PY) -m lecturelib.workbook run $(if $(call yes,$(FAST)),--fast) --out build
 
 # (1) one papermill fast run per notebook (its failures become test_fast_run failures, so
 # pytest still runs and has the last word); (2) one pytest process: unit tests, conventions,
 # nbval on a fresh kernel, the student release with nbgrader validate --invert.
 test: $(STAMP)
 	rm -rf $(TEST_OUT)
-	OMP_NUM_THREADS=$(THREADS) $(PY) -m lecturelib.workbook run --fast --timeout 600 --out $(TEST_OUT) || true
-	WORKBOOK_FAST=1 OMP_NUM_THREADS=$(THREADS) \
+	OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE $(PY) -m lecturelib.workbook run --fast --timeout 600 --out $(TEST_OUT) || true
+	WORKBOOK_FAST=1 OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE \
 	WORKBOOK_FAST_RUNS=$(CURDIR)/$(TEST_OUT)/runs.json \
 	WORKBOOK_RESULTS_DIR=$(CURDIR)/$(TEST_OUT)/nbval-results \
 	  $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env
 
 # Served on 127.0.0.1 only; --allow-root only where make runs as root (containers).
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 \
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 \
 	  $(if $(filter 0,$(shell id -u)),--allow-root)
 
 student: $(STAMP)
@@ -66,7 +66,7 @@ bench: $(STAMP)
 	@mkdir -p build/bench
 	@if [ -z "$(BENCH_SCRIPTS)" ]; then echo "no benchmarks yet"; fi
 	@for f in $(BENCH_SCRIPTS); do \
-	  echo "== $$f"; BENCH_OUT=build/bench OMP_NUM_THREADS=$(THREADS) $(PY) "$$f"; \
+	  echo "== $$f"; BENCH_OUT=build/bench OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE $(PY) "$$f"; \
 	done
 
 clean:
