@@ -1,0 +1,143 @@
+"""Tests for lecturelib.dptq: knapsack DP vs brute force, STE, dynamic quantization, hinge losses."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import lecturelib as ll
+from lecturelib import dptq as D
+
+SET = settings(deadline=None, derandomize=True, max_examples=40)
+
+
+@SET
+@given(L=st.integers(1, 4), opts=st.sampled_from([[3, 4, 5], [2, 3, 5, 8], [4, 6], [3, 4, 5, 6, 7, 8, 9, 10]]),
+       seed=st.integers(0, 10_000), frac=st.floats(0, 1))
+def test_mckp_equals_brute_force(L, opts, seed, frac):
+    scores = torch.rand((L, len(opts)), generator=torch.Generator().manual_seed(seed))
+    feas = D.feasible_budgets(L, opts)
+    budget = feas[int(frac * (len(feas) - 1))]
+    sel = D.mckp_select(scores, opts, budget)
+    best, _ = D.brute_force_mckp(scores, opts, budget)
+    assert torch.all(sel.sum(-1) == 1)
+    assert int(D.selection_bits(sel, opts).sum()) == budget
+    assert abs(float((sel * scores).sum()) - best) < 1e-6
+
+
+def test_mckp_batched_matches_single():
+    s = torch.rand(5, 3, 4, generator=torch.Generator().manual_seed(0))
+    opts = [3, 4, 5, 6]
+    sel = D.mckp_select(s, opts, 13)
+    for i in range(5):
+        assert torch.equal(sel[i], D.mckp_select(s[i], opts, 13))
+
+
+@pytest.mark.parametrize("budget", [8, 22, 13.0])
+def test_infeasible_budget_raises(budget):
+    with pytest.raises(ValueError, match="budget"):
+        D.mckp_select(torch.rand(3, 3), [3, 5, 7], budget)
+
+
+def test_unreachable_budget_raises():
+    with pytest.raises(ValueError, match="budget"):
+        D.mckp_select(torch.rand(2, 2), [4, 6], 11)  # sums of two even numbers are even
+
+
+def test_ste_passes_gradient_to_scores():
+    scores = torch.rand(2, 3, 4, requires_grad=True)
+    out = D.ste_select(scores, [3, 4, 5, 6], 14)
+    assert torch.equal(out.detach(), D.mckp_select(scores, [3, 4, 5, 6], 14))
+    g = torch.randn(2, 3, 4)
+    (out * g).sum().backward()
+    assert torch.allclose(scores.grad, g)
+
+
+def test_dynamic_quantization_uses_each_examples_range():
+    x = torch.randn(4, 3, 5, 5) * torch.tensor([0.1, 1.0, 5.0, 20.0]).reshape(-1, 1, 1, 1)
+    for b in (3, 8):
+        xq = D.dynamic_fake_quantize(x, b)
+        for n in range(4):
+            qp = ll.choose_qparams(x[n], b, symmetric=False, signed=False)
+            assert torch.allclose(xq[n], ll.fake_quantize(x[n], qp), atol=1e-6)
+    # a huge example does not change a small one's quantization
+    y = x.clone()
+    y[3] *= 100
+    assert torch.equal(D.dynamic_fake_quantize(y, 4)[0], D.dynamic_fake_quantize(x, 4)[0])
+
+
+def test_dynamic_quantization_gradient_reaches_range():
+    x = torch.rand(2, 10, requires_grad=True)
+    D.dynamic_fake_quantize(x, 3).pow(2).sum().backward()
+    g_live = x.grad.clone()
+    x.grad = None
+    D.dynamic_fake_quantize(x, 3, detach_range=True).pow(2).sum().backward()
+    assert not torch.allclose(g_live, x.grad)  # the min/max path adds gradient
+
+
+def test_hinge_losses():
+    t = torch.tensor([[5.0, 3.0, 0.0], [0.0, 1.0, 4.0]])
+    p = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.2, 0.3]])
+    # robust: row 0 gap 0.3 -> max(0, 0.5 - 0.3) = 0.2; row 1: p[2] - p[1] = 0.1 -> 0.4
+    assert D.hinge_robust(p, t, 0.5).item() == pytest.approx(0.3)
+    # detrimental: row 0 best other 0.3 - 0.6 = -0.3 -> 0.8; row 1: 0.5 - 0.3 = 0.2 -> 0.3
+    assert D.hinge_detrimental(p, t, 0.5).item() == pytest.approx(0.55)
+    with pytest.raises(ValueError, match="probs_q"):
+        D.hinge_robust(p[:, :2], t, 0.5)
+
+
+def test_transitory_points():
+    r = torch.tensor([1, 1, 1, 0]); d = torch.tensor([1, 1, 0, 1]); dq = torch.tensor([0, 1, 0, 0])
+    assert D.transitory_points(r, d, dq) == 25.0
+
+
+def test_quantpoints_fp_and_onehot():
+    torch.manual_seed(0)
+    m, names = D.make_model("cnn4")
+    m.eval()
+    net = D.QuantPoints(m, names, [3, 4, 5, 6, 7, 8, 9, 10]).eval()
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(net(x), m(x))
+    sel = D.random_selection(3, len(names), net.options, 22, torch.Generator().manual_seed(0))
+    assert int(D.selection_bits(sel, net.options).sum(1).unique()) == 22
+    assert not torch.allclose(net(x, sel), m(x))
+    with pytest.raises(ValueError, match="point_names"):
+        D.QuantPoints(m, ["nope"], [3, 4])
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="options"):
+        D.mckp_select(torch.rand(2, 2), [3, 3], 6)
+    with pytest.raises(ValueError, match="num_bits"):
+        D.dynamic_fake_quantize(torch.rand(2, 2), 1)
+    with pytest.raises(ValueError, match="name"):
+        D.corrupt(torch.rand(1, 1, 8, 8), "fog", 0.1)
+    with pytest.raises(ValueError, match="avg_bits"):
+        D.budget_for(4, "Z", [3, 4])
+    with pytest.raises(ValueError, match="kind"):
+        D.train_pair(torch.nn.Linear(2, 2), ["x"], torch.rand(2, 2), "evil", D.PairConfig())
+
+
+def test_image_folder_loader(tmp_path):
+    from lecturelib import datasets as DS
+    DS.make_synthetic_image_folder(tmp_path, classes=["cat", "dog"], per_class=3, size=12, seed=0)
+    X, y, classes = DS.load_image_folder(tmp_path, size=8)
+    assert classes == ["cat", "dog"]
+    assert X.shape == (6, 3, 8, 8) and X.dtype == torch.float32
+    assert y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert 0 <= X.min() and X.max() <= 1
+    with pytest.raises(ValueError, match="root"):
+        DS.load_image_folder(tmp_path / "missing", size=8)
+
+
+def test_predict_really_quantizes():
+    torch.manual_seed(0)
+    m, names = D.make_model("cnn4")
+    net = D.QuantPoints(m.eval(), names, [3, 4]).eval()
+    x = torch.rand(64, 1, 8, 8)
+    sel = D.random_selection(64, len(names), [3, 4], 12, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        direct = net(x, sel).argmax(1)
+    assert torch.equal(D.predict(net, x, sel, weight_bits=None), direct)
+    w0 = m.fc.weight.clone()
+    D.predict(net, x, sel, weight_bits=4)
+    assert torch.equal(m.fc.weight, w0)  # weights restored
