@@ -44,7 +44,7 @@ workbook: $(STAMP)
 # nbval on a fresh kernel, the student release with nbgrader validate --invert.
 test: $(STAMP)
 	rm -rf $(TEST_OUT)
-	OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE $(PY) -m lecturelib.workbook run --fast --timeout 600 --out $(TEST_OUT) || true
+	OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE $(PY) -m lecturelib.workbook run --fast --timeout 180 --out $(TEST_OUT) || true
 	WORKBOOK_FAST=1 OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE \
 	WORKBOOK_FAST_RUNS=$(CURDIR)/$(TEST_OUT)/runs.json \
 	WORKBOOK_RESULTS_DIR=$(CURDIR)/$(TEST_OUT)/nbval-results \

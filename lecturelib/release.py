@@ -47,6 +47,7 @@ from nbgrader.preprocessors import (
 from nbgrader.validator import Validator
 from traitlets.config import Config
 
+from .kernel_polls import sliced_kernel_polls
 from .workbook import kernel_env, patched_environ
 
 STUDENT_PREPROCESSORS = (
@@ -173,7 +174,11 @@ def validate(
     cfg = Config()
     cfg.Validator.invert = invert
     cfg.Execute.timeout = timeout
-    with tempfile.TemporaryDirectory() as tmp, patched_environ(kernel_env(fast, Path(tmp))):
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        patched_environ(kernel_env(fast, Path(tmp))),
+        sliced_kernel_polls(),
+    ):
         found = Validator(config=cfg).validate(str(path))
     messages = []
     for kind, cells in found.items():

@@ -35,6 +35,7 @@ from typing import Any
 import nbformat
 
 from .harness import FAST_ENV, MAX_THREADS, RESULTS_DIR_ENV, markdown_table
+from .kernel_polls import sliced_kernel_polls
 
 NOTEBOOK_NAME = re.compile(r"^\d\d_[a-z0-9_]+\.ipynb$")
 """A notebook file name: ``NN_topic.ipynb``."""
@@ -62,6 +63,8 @@ class NotebookRun:
     """Why it failed (first error), empty when ok."""
     results: dict[str, Any] = field(default_factory=dict)
     """The JSON the notebook saved (empty if it saved none)."""
+    slowest_cells: list[str] = field(default_factory=list)
+    """The slowest code cells as 'In [n] 12.3 s: first line', so a slow run names its cause."""
 
 
 @contextmanager
@@ -110,7 +113,7 @@ def run_notebook(path: Path, out: Path, fast: bool, timeout: int | None = None) 
     start = time.perf_counter()
     error = ""
     try:
-        with patched_environ(kernel_env(fast, results_dir)):
+        with patched_environ(kernel_env(fast, results_dir)), sliced_kernel_polls():
             papermill.execute_notebook(
                 str(path),
                 str(executed),
@@ -125,6 +128,7 @@ def run_notebook(path: Path, out: Path, fast: bool, timeout: int | None = None) 
     except Exception as exc:  # kernel died, bad JSON, timeout: report, keep going
         error = f"{type(exc).__name__}: {exc}"
     seconds = time.perf_counter() - start
+    slowest = slowest_cells(executed) if executed.is_file() else []
     if not error:
         failed = graded_failures(nbformat.read(executed, as_version=4))
         if failed:
@@ -136,7 +140,19 @@ def run_notebook(path: Path, out: Path, fast: bool, timeout: int | None = None) 
         error = (
             f"no results: the last cell must call ll.save_results(results, RESULTS_DIR, {stem!r})"
         )
-    return NotebookRun(stem, not error, round(seconds, 2), fast, error, results)
+    return NotebookRun(stem, not error, round(seconds, 2), fast, error, results, slowest)
+
+
+def slowest_cells(executed: Path, top: int = 3) -> list[str]:
+    """The ``top`` slowest code cells of a papermill-executed notebook, slowest first."""
+    nb = nbformat.read(executed, as_version=4)
+    timed = []
+    for index, cell in enumerate(nb.cells):
+        duration = cell.metadata.get("papermill", {}).get("duration")
+        if cell.cell_type == "code" and duration is not None:
+            first = next((ln for ln in cell.source.splitlines() if ln.strip()), "")
+            timed.append((float(duration), f"cell {index} {float(duration):.1f} s: {_short(first, 70)}"))
+    return [text for _, text in sorted(timed, reverse=True)[:top]]
 
 
 def _short(text: str, width: int = 120) -> str:
