@@ -702,3 +702,9 @@ def test_workbook_run_reports_results_and_failures(tmp_path):
     assert "| 02_bad | **FAILED**: In [3]: RuntimeError: boom |" in report
     assert (out / "executed" / "02_bad.ipynb").is_file()
     assert math.isfinite(runs["01_ok"]["seconds"])
+
+
+def test_kernel_env_pins_threads_and_stops_spinning(tmp_path):
+    env = workbook.kernel_env(True, tmp_path)
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["WORKBOOK_FAST"] == "1"
+    assert int(env["OMP_NUM_THREADS"]) <= 2 and env["WORKBOOK_RESULTS_DIR"] == str(tmp_path.resolve())
