@@ -12,11 +12,13 @@ yes = $(filter 1 true yes True TRUE Yes YES,$(1))
 THREADS := $(shell n=$$(nproc 2>/dev/null || echo 2); [ "$$n" -lt 2 ] && echo "$$n" || echo 2)
 TEST_OUT := build/test
 
-.PHONY: help venv workbook test lab student bench clean
+.PHONY: help venv workbook test uitest nbval lab student bench clean
 
 help:
 	@echo "make workbook [FAST=1]  run every notebook headless -> build/report.md"
 	@echo "make test               unit tests, notebooks in fast mode, nbgrader checks (what CI runs)"
+	@echo "make uitest             every notebook in a real JupyterLab + headless Chromium -> build/screens/"
+	@echo "make nbval              every notebook on a fresh kernel with nbval (lax)"
 	@echo "make lab                JupyterLab on notebooks/ (127.0.0.1 only)"
 	@echo "make student [CHECK=1]  student release -> build/student/"
 	@echo "make bench              benchmarks -> build/bench/"
@@ -40,15 +42,32 @@ workbook: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE $(PY) -m lecturelib.workbook run $(if $(call yes,$(FAST)),--fast) --out build
 
 # (1) one papermill fast run per notebook (its failures become test_fast_run failures, so
-# pytest still runs and has the last word); (2) one pytest process: unit tests, conventions,
-# nbval on a fresh kernel, the student release with nbgrader validate --invert.
+# pytest still runs and has the last word); (2) the same notebooks in a real JupyterLab and
+# headless Chromium (make uitest; skipped with a message where chromium is missing; its
+# failures become test_in_jupyterlab failures); (3) one pytest process: unit tests,
+# conventions, nbval on $(NBVAL_NOTEBOOKS), the student release with nbgrader validate --invert.
+NBVAL_NOTEBOOKS ?= notebooks/00_start_here.ipynb
 test: $(STAMP)
 	rm -rf $(TEST_OUT)
 	OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE $(PY) -m lecturelib.workbook run --fast --timeout 180 --out $(TEST_OUT) || true
+	OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE $(PY) -m lecturelib.uitest --out $(TEST_OUT)/uitest --screens build/screens || true
 	WORKBOOK_FAST=1 OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE \
 	WORKBOOK_FAST_RUNS=$(CURDIR)/$(TEST_OUT)/runs.json \
+	WORKBOOK_UITEST=$(CURDIR)/$(TEST_OUT)/uitest/uitest.json \
 	WORKBOOK_RESULTS_DIR=$(CURDIR)/$(TEST_OUT)/nbval-results \
-	  $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env
+	  $(PY) -m pytest tests $(NBVAL_NOTEBOOKS) --nbval-lax --nbval-current-env
+
+# Real browser: JupyterLab on 127.0.0.1 (random port and token) serving a copy of notebooks/,
+# Debian's chromium driven by playwright; one line per notebook, screenshots in build/screens/.
+uitest: $(STAMP)
+	OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE $(PY) -m lecturelib.uitest --out build/uitest --screens build/screens
+
+# Every notebook on a fresh kernel with nbval (make test runs it on $(NBVAL_NOTEBOOKS) only:
+# the papermill run already executes every notebook once).
+nbval: $(STAMP)
+	WORKBOOK_FAST=1 OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE \
+	WORKBOOK_RESULTS_DIR=$(CURDIR)/build/nbval-results \
+	  $(PY) -m pytest notebooks --nbval-lax --nbval-current-env
 
 # Served on 127.0.0.1 only; --allow-root only where make runs as root (containers).
 lab: $(STAMP)

@@ -28,6 +28,7 @@ from .quantizers import (
 )
 from .ste import ste_fake_quantize
 from .viz import plot_quant_grid, quant_explorer, show_matrices
+from .explorers import dropdown, explorer, float_slider, int_slider, range_slider
 
 from . import intops  # noqa: E402,F401
 

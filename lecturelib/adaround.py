@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .harness import progress
 from .quantizers import (
     PerChannel,
     QParams,
@@ -463,7 +464,7 @@ def adaround_layer(layer: nn.Module, x_calib: Tensor, cfg: AdaRoundConfig, x_flo
     snaps: dict[int, Tensor] = {}
     keep = set(cfg.snapshot_iters)
     zero = torch.zeros(())
-    for step in range(cfg.iters):
+    for step in progress(range(cfg.iters), desc="AdaRound steps"):
         if step in keep:
             snaps[step] = rectified_sigmoid(V.detach(), cfg.zeta, cfg.gamma)
         beta = beta_schedule(step, cfg)
@@ -737,43 +738,44 @@ def adaround_explorer(layer: nn.Module, x_calib: Tensor, cfg: AdaRoundConfig, x_
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
-    qp = weight_qparams(layer.weight.detach(), cfg.num_bits, cfg.scale_method)
-    beta = widgets.FloatRangeSlider(value=[cfg.beta_end, cfg.beta_start], min=1.0, max=40.0, step=0.5,
-                                    description="beta end, start", continuous_update=False,
-                                    style={"description_width": "initial"}, layout=widgets.Layout(width="420px"))
-    lam = widgets.FloatLogSlider(value=cfg.lam, base=10, min=-3, max=2, step=0.25, description="lambda",
-                                 continuous_update=False)
-    out = widgets.Output()
+    from .explorers import explorer, range_slider
 
-    def redraw(*_: Any) -> None:
-        c = dataclasses.replace(cfg, iters=iters, lam=lam.value, beta_end=beta.value[0], beta_start=beta.value[1],
+    qp = weight_qparams(layer.weight.detach(), cfg.num_bits, cfg.scale_method)
+
+    def draw(beta: tuple[float, float], lam: float) -> None:
+        c = dataclasses.replace(cfg, iters=iters, lam=lam, beta_end=beta[0], beta_start=beta[1],
                                 record_every=0, snapshot_iters=())
         res = adaround_layer(layer, x_calib, c, x_float=x_float, qp=qp)
-        with out:
-            out.clear_output(wait=True)
-            fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
-            h = torch.linspace(0, 1, 201)
-            for b, ls in ((c.beta_start, "-"), (c.beta_end, "--")):
-                axes[0].plot(h, 1 - (2 * h - 1).abs() ** b, ls=ls, label=f"beta = {b:g}")
-            axes[0].set_xlabel("h")
-            axes[0].set_title("one term of f_reg: 1 - |2h - 1|^beta", fontsize=9)
-            axes[0].legend(fontsize=8)
-            axes[1].hist(res.h.flatten().numpy(), bins=40, range=(0, 1), color="tab:purple")
-            axes[1].set_yscale("log")
-            soft = float(((res.h > 1e-3) & (res.h < 1 - 1e-3)).float().mean())
-            axes[1].set_title(f"final h(V): {100 * soft:.1f}% not yet 0 or 1", fontsize=9)
-            vals = [res.loss_nearest, res.loss_soft, res.loss_adaround]
-            vals = [v / res.target_energy for v in vals]
-            axes[2].bar(["nearest", "soft W(V)", "AdaRound (hard)"], vals,
-                        color=["tab:red", "tab:gray", "tab:green"])
-            for i, v in enumerate(vals):
-                axes[2].text(i, v, f"{v:.4f}", ha="center", va="bottom", fontsize=8)
-            axes[2].set_title(f"relative output error (lambda = {c.lam:.3g}, {100 * res.flipped:.0f}% flipped)",
-                              fontsize=9)
-            fig.tight_layout()
-            plt.show()
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+        h = torch.linspace(0, 1, 201)
+        for b, ls in ((c.beta_start, "-"), (c.beta_end, "--")):
+            axes[0].plot(h, 1 - (2 * h - 1).abs() ** b, ls=ls, label=f"beta = {b:g}")
+        axes[0].set_xlabel("h")
+        axes[0].set_ylabel("regularizer term")
+        axes[0].set_title("one term of f_reg: 1 - |2h - 1|^beta", fontsize=9)
+        axes[0].legend(fontsize=8)
+        axes[1].hist(res.h.flatten().numpy(), bins=40, range=(0, 1), color="tab:purple")
+        axes[1].set_yscale("log")
+        axes[1].set_xlabel("h(V)")
+        axes[1].set_ylabel("weights")
+        soft = float(((res.h > 1e-3) & (res.h < 1 - 1e-3)).float().mean())
+        axes[1].set_title(f"final h(V): {100 * soft:.1f}% not yet 0 or 1", fontsize=9)
+        vals = [res.loss_nearest, res.loss_soft, res.loss_adaround]
+        vals = [v / res.target_energy for v in vals]
+        axes[2].bar(["nearest", "soft W(V)", "AdaRound (hard)"], vals,
+                    color=["tab:red", "tab:gray", "tab:green"])
+        for i, v in enumerate(vals):
+            axes[2].text(i, v, f"{v:.4f}", ha="center", va="bottom", fontsize=8)
+        axes[2].set_ylabel("‖W̃x − Wx‖² / ‖Wx‖²")
+        axes[2].set_title(f"relative output error (lambda = {c.lam:.3g}, {100 * res.flipped:.0f}% flipped)",
+                          fontsize=9)
+        fig.tight_layout()
 
-    beta.observe(redraw, names="value")
-    lam.observe(redraw, names="value")
-    redraw()
-    return widgets.VBox([widgets.HBox([beta, lam]), out])
+    return explorer(
+        draw,
+        title=f"AdaRound on one layer ({iters} Adam steps per change)",
+        beta=range_slider((cfg.beta_end, cfg.beta_start), 1.0, 40.0, 0.5, description="beta end, start",
+                          readout_format=".1f", width="420px"),
+        lam=widgets.FloatLogSlider(value=cfg.lam, base=10, min=-3, max=2, step=0.25, description="lambda",
+                                   continuous_update=False),
+    )

@@ -332,31 +332,17 @@ def twn_explorer(W: Tensor) -> Any:
 
     Used in: 06_binary_xnor.
     """
-    import ipywidgets as widgets
+    from .explorers import explorer, float_slider
 
     W = _check_tensor(W, "W").detach()
-    slider = widgets.FloatSlider(
-        value=0.7,
-        min=0.0,
-        max=2.0,
-        step=0.05,
-        description="Δ / E|W|",
-        readout_format=".2f",
-        layout=widgets.Layout(width="450px"),
-    )
-    out = widgets.Output()
 
-    def redraw(*_: Any) -> None:
-        with out:
-            out.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(6.5, 3))
-            plot_twn_threshold(W, slider.value, ax=ax)
-            fig.tight_layout()
-            plt.show()
+    def draw(delta_ratio: float) -> None:
+        fig, ax = plt.subplots(figsize=(6.5, 3))
+        plot_twn_threshold(W, delta_ratio, ax=ax)
+        fig.tight_layout()
 
-    slider.observe(redraw, names="value")
-    redraw()
-    return widgets.VBox([slider, out])
+    return explorer(draw, title="Ternary weights: the threshold Δ decides sparsity and error",
+                    delta_ratio=float_slider(0.7, 0.0, 2.0, 0.05, description="Δ / E|W|", width="450px"))
 
 
 # ----------------------------------------------------------------------------- STE layers

@@ -1189,33 +1189,18 @@ def clip_explorer(x: Tensor, num_bits: int = 4, marks: dict[str, float] | None =
 
     Used in: 03_clipping.
     """
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
+    from .explorers import explorer, float_slider, int_slider
 
     check_bits(num_bits)
     x = x.detach().float().flatten()
     amax = float(x.abs().max())
     if amax == 0.0:
         raise ValueError("x must have a non-zero value to clip")
-    clip = widgets.FloatSlider(
-        value=amax / 2,
-        min=amax / 100,
-        max=amax,
-        step=amax / 200,
-        description="clip",
-        readout_format=".3f",
-        layout=widgets.Layout(width="500px"),
-    )
-    bits = widgets.IntSlider(value=num_bits, min=2, max=8, description="num_bits")
-    out = widgets.Output()
 
-    def redraw(*_: Any) -> None:
-        with out:
-            out.clear_output(wait=True)
-            plot_clip(x, bits.value, clip.value, marks=marks)
-            plt.show()
+    def draw(num_bits: int, clip: float) -> None:
+        plot_clip(x, num_bits, clip, marks=marks)
 
-    clip.observe(redraw, names="value")
-    bits.observe(redraw, names="value")
-    redraw()
-    return widgets.VBox([widgets.HBox([bits, clip]), out])
+    return explorer(draw, title="Clipping trades clipping error against rounding error",
+                    num_bits=int_slider(num_bits, 2, 8, description="num_bits"),
+                    clip=float_slider(amax / 2, amax / 100, amax, amax / 200, description="clip",
+                                      readout_format=".3f", width="500px"))

@@ -694,35 +694,33 @@ def group_size_explorer(W: Tensor, num_bits: int = 4, scale_dtype: str = "FP16")
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
+    from .explorers import explorer, int_slider
+
     _check_matrix(W)
     n = W.shape[1]
     sizes = [d for d in range(1, n + 1) if n % d == 0]
-    g_slider = widgets.SelectionSlider(options=sizes, value=min(16, n) if 16 in sizes else sizes[-1],
-                                       description="group size", continuous_update=False)
-    b_slider = widgets.IntSlider(value=num_bits, min=2, max=8, description="num_bits", continuous_update=False)
-    out = widgets.Output()
     ref = float(W.norm())
 
     def point(g: int, bits: int) -> tuple[float, float]:
         fmt = int_format(bits, g, scale_dtype)
         return effective_bits(fmt, n, W.numel()), float((W - quantize_format(W, fmt)).norm()) / ref
 
-    def redraw(*_: Any) -> None:
-        with out:
-            out.clear_output(wait=True)
-            curve = [point(g, b_slider.value) for g in sizes]
-            bx, ex = point(g_slider.value, b_slider.value)
-            fig, ax = plt.subplots(figsize=(6, 3))
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", color="tab:green", ms=3)
-            ax.scatter([bx], [ex], s=90, color="tab:red", zorder=3)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("effective bits per weight")
-            ax.set_ylabel("relative error")
-            ax.set_title(f"group size {g_slider.value}, INT{b_slider.value}: "
-                         f"{bx:.3f} bits/weight, relative error {ex:.4f}", fontsize=9)
-            plt.show()
+    def draw(group_size: int, num_bits: int) -> None:
+        curve = [point(g, num_bits) for g in sizes]
+        bx, ex = point(group_size, num_bits)
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", color="tab:green", ms=3)
+        ax.scatter([bx], [ex], s=90, color="tab:red", zorder=3)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("effective bits per weight")
+        ax.set_ylabel("relative error ‖W − W_q‖_F / ‖W‖_F")
+        ax.set_title(f"group size {group_size}, INT{num_bits}: "
+                     f"{bx:.3f} bits/weight, relative error {ex:.4f}", fontsize=9)
 
-    g_slider.observe(redraw, names="value")
-    b_slider.observe(redraw, names="value")
-    redraw()
-    return widgets.VBox([widgets.HBox([g_slider, b_slider]), out])
+    return explorer(
+        draw,
+        title="Group size: more scales, fewer errors, more bits",
+        group_size=widgets.SelectionSlider(options=sizes, value=min(16, n) if 16 in sizes else sizes[-1],
+                                           description="group size", continuous_update=False),
+        num_bits=int_slider(num_bits, 2, 8, description="num_bits"),
+    )

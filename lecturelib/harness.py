@@ -42,6 +42,7 @@ __all__ = [
     "course_map_markdown",
     "env_report",
     "markdown_table",
+    "progress",
     "resolve_fast",
     "save_results",
     "seed_everything",
@@ -240,6 +241,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+PROGRESS_ENV = "WORKBOOK_PROGRESS"
+"""Set to 0 to hide the progress bars (e.g. in a terminal log)."""
+
+
+def progress(iterable: Any, desc: str, total: int | None = None) -> Any:
+    """Wrap a training loop's iterable in a tqdm.auto progress bar (a widget in Jupyter).
+
+    The bar stays after the loop with its count and time. ``WORKBOOK_PROGRESS=0`` hides it.
+    Used in: every training loop that can take more than a few seconds (models, qat,
+    adaround, mixed_precision, rl, dptq).
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=True, mininterval=0.5,
+                disable=os.environ.get(PROGRESS_ENV, "1") == "0")
 
 
 def set_threads(n: int | None = None) -> int:

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .harness import progress
 from .quantizers import PerChannel, QParams, block_minmax, fake_quantize, qparams_from_range, qrange
 
 Tensor = torch.Tensor
@@ -1172,7 +1173,7 @@ def search_rl(
         actor_loss.backward()
         opt_a.step()
 
-    for episode in range(cfg.episodes):
+    for episode in progress(range(cfg.episodes), desc="HAQ agent episodes"):
         states, actions, chosen = [], [], []
         prev = 1.0
         for t in range(2 * n):

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .harness import progress
+
 Tensor = torch.Tensor
 
 
@@ -95,7 +97,7 @@ def train_classifier(model: nn.Module, X: Tensor, y: Tensor, cfg: TrainConfig) -
     loss_fn = nn.CrossEntropyLoss()
     history = []
     model.train()
-    for _ in range(cfg.epochs):
+    for _ in progress(range(cfg.epochs), desc=f"training {type(model).__name__}"):
         perm = torch.randperm(len(X), generator=g)
         total = 0.0
         for i in range(0, len(X), cfg.batch_size):

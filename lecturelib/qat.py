@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .harness import progress
 from .models import MLP, DigitsSplit, TrainConfig, accuracy
 from .quantizers import (
     PerChannel,
@@ -419,7 +420,7 @@ def fit(model: nn.Module, X: Tensor, y: Tensor, cfg: TrainConfig,
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses, step = [], 0
     model.train()
-    for _ in range(cfg.epochs):
+    for _ in progress(range(cfg.epochs), desc="QAT epochs"):
         perm = torch.randperm(len(X), generator=g)
         for i in range(0, len(X), cfg.batch_size):
             idx = perm[i: i + cfg.batch_size]
@@ -846,28 +847,23 @@ def ste_mask_explorer(x: Tensor, max_bits: int = 8) -> Any:
 
     Used in: 05_qat_ste.
     """
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
+    from .explorers import explorer, int_slider, range_slider
 
     check_tensor(x)
     x = x.detach().flatten().float()
     x_lo, x_hi = float(x.min()), float(x.max())
     span = x_hi - x_lo or 1.0
-    bits = widgets.IntSlider(value=4, min=2, max=max_bits, description="num_bits")
-    rng = widgets.FloatRangeSlider(value=[x_lo, x_lo + 0.5 * span], min=x_lo - 0.25 * span, max=x_hi + 0.25 * span,
-                                   step=span / 200, description="clip range", readout_format=".2f",
-                                   layout=widgets.Layout(width="520px"))
-    out = widgets.Output()
 
-    def redraw(*_: Any) -> None:
-        with out:
-            out.clear_output(wait=True)
-            lo, hi = rng.value
-            if hi > lo:
-                plot_ste_mask(x, bits.value, lo, hi)
-                plt.show()
+    def draw(num_bits: int, clip_range: tuple[float, float]) -> None:
+        lo, hi = clip_range
+        if not hi > lo:
+            raise ValueError(f"the clip range must have r_max > r_min, got [{lo:.3f}, {hi:.3f}]")
+        plot_ste_mask(x, num_bits, lo, hi)
 
-    for w in (bits, rng):
-        w.observe(redraw, names="value")
-    redraw()
-    return widgets.VBox([bits, rng, out])
+    return explorer(
+        draw,
+        title="Which values get a gradient through the STE?",
+        num_bits=int_slider(4, 2, max_bits, description="num_bits"),
+        clip_range=range_slider((x_lo, x_lo + 0.5 * span), x_lo - 0.25 * span, x_hi + 0.25 * span,
+                                span / 200, description="clip range"),
+    )

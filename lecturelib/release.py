@@ -50,9 +50,26 @@ from traitlets.config import Config
 from .kernel_polls import sliced_kernel_polls
 from .workbook import kernel_env, patched_environ
 
+EXERCISE_STUB = (
+    "# YOUR CODE HERE\n"
+    "raise NotImplementedError(\"exercise {grade_id} is not done yet: replace this line with "
+    "your code, run the cell, then the check below it (the rest of the notebook does not need it)\")"
+)
+"""What a cleared solution becomes: it names its exercise, so a skipped one is easy to find."""
+
+
+class ClearSolutionsNamed(ClearSolutions):
+    """nbgrader's ClearSolutions with a stub that names the exercise (its grade_id)."""
+
+    def preprocess_cell(self, cell: Any, resources: Any, cell_index: int) -> Any:
+        grade_id = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id", "?")
+        self.code_stub = {**self.code_stub, "python": EXERCISE_STUB.format(grade_id=grade_id)}
+        return super().preprocess_cell(cell, resources, cell_index)
+
+
 STUDENT_PREPROCESSORS = (
     LockCells,
-    ClearSolutions,
+    ClearSolutionsNamed,
     ClearOutput,
     CheckCellMetadata,
     ComputeChecksums,
@@ -174,12 +191,17 @@ def validate(
     cfg = Config()
     cfg.Validator.invert = invert
     cfg.Execute.timeout = timeout
+    validator = _KeepingValidator(config=cfg)
     with (
         tempfile.TemporaryDirectory() as tmp,
         patched_environ(kernel_env(fast, Path(tmp))),
         sliced_kernel_polls(),
     ):
-        found = Validator(config=cfg).validate(str(path))
+        found = dict(validator.validate(str(path)))
+    if invert and validator.executed is not None:
+        cascade = cascade_errors(validator.executed)
+        if cascade:
+            found["cascade"] = cascade
     messages = []
     for kind, cells in found.items():
         for cell in cells:
@@ -188,6 +210,33 @@ def validate(
                 strip_ansi(f"{kind}: {cell.get('source', '')[:200]}\n{detail}").rstrip()
             )
     return ValidationResult(str(path), invert, not found, graded, messages)
+
+
+class _KeepingValidator(Validator):
+    """nbgrader's Validator that keeps the notebook it executed (``executed``)."""
+
+    executed: Any = None
+
+    def _preprocess(self, nb: Any) -> Any:
+        self.executed = super()._preprocess(nb)
+        return self.executed
+
+
+def cascade_errors(nb: Any) -> list[dict[str, str]]:
+    """Errors in an executed student notebook outside exercise and check cells.
+
+    On the unsolved release only an exercise cell or its graded check may fail; any other
+    cell that fails depends on an exercise and would punish a student who skipped it.
+    """
+    out = []
+    for cell in nb.cells:
+        if cell.cell_type != "code" or nbgrader_utils.is_grade(cell) or nbgrader_utils.is_solution(cell):
+            continue
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "error":
+                out.append({"source": cell.source, "raw_error": f"{o.get('ename')}: {o.get('evalue')} "
+                            "(an ordinary cell depends on an exercise)"})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

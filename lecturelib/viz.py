@@ -62,33 +62,29 @@ def quant_explorer(w: Tensor, max_bits: int = 8) -> Any:
 
     Used in: 01_linear_quantization.
     """
-    import ipywidgets as widgets
+    from .explorers import explorer, int_slider, range_slider
 
     w = w.detach().flatten().float()
     w_lo, w_hi = float(w.min()), float(w.max())
     span = max(abs(w_lo), abs(w_hi))
-    bits = widgets.IntSlider(value=4, min=2, max=max_bits, description="num_bits")
-    rng = widgets.FloatRangeSlider(value=[w_lo, w_hi], min=-span * 1.5, max=span * 1.5,
-                                   step=span / 100, description="range", readout_format=".2f",
-                                   layout=widgets.Layout(width="500px"))
-    sym = widgets.Checkbox(value=False, description="symmetric")
-    out = widgets.Output()
 
-    def redraw(*_: Any) -> None:
-        with out:
-            out.clear_output(wait=True)
-            r_min, r_max = rng.value
-            if sym.value:
-                a = max(abs(r_min), abs(r_max))
-                r_min, r_max = -a, a
-            fig, ax = plt.subplots(figsize=(7, 3))
-            plot_quant_grid(w, bits.value, min(r_min, 0.0), max(r_max, 0.0), sym.value, ax=ax)
-            plt.show()
+    def draw(num_bits: int, r_range: tuple[float, float], symmetric: bool) -> None:
+        r_min, r_max = r_range
+        if symmetric:
+            a = max(abs(r_min), abs(r_max))
+            r_min, r_max = -a, a
+        fig, ax = plt.subplots(figsize=(7, 3))
+        plot_quant_grid(w, num_bits, min(r_min, 0.0), max(r_max, 0.0), symmetric, ax=ax)
 
-    for wdg in (bits, rng, sym):
-        wdg.observe(redraw, names="value")
-    redraw()
-    return widgets.VBox([widgets.HBox([bits, sym]), rng, out])
+    import ipywidgets as widgets
+
+    return explorer(
+        draw,
+        title="Linear quantization of the weights: bits and range",
+        num_bits=int_slider(4, 2, max_bits, description="num_bits"),
+        r_range=range_slider((w_lo, w_hi), -span * 1.5, span * 1.5, span / 100, description="range"),
+        symmetric=widgets.Checkbox(value=False, description="symmetric"),
+    )
 
 
 def show_matrices(mats: dict[str, Tensor], fmt: str = "{:.2f}", cmap: str = "coolwarm") -> plt.Figure:

@@ -573,10 +573,9 @@ def test_student_notebook_clears_solutions_and_hidden_tests():
     before = copy.deepcopy(source)
     student = release.student_notebook(source)
     assert source == before  # the source is left alone
-    assert (
-        student.cells[1].source
-        == "def double(x):\n    # YOUR CODE HERE\n    raise NotImplementedError()"
-    )
+    stub = student.cells[1].source
+    assert stub.startswith("def double(x):\n    # YOUR CODE HERE\n    raise NotImplementedError(")
+    assert "exercise double is not done yet" in stub
     assert student.cells[3].source == "assert double(-1) == -2"
     text = nbformat.writes(student)
     assert "return 2 * x" not in text and "HIDDEN" not in text and "double(10)" not in text
@@ -615,6 +614,17 @@ def test_validate_invert_passes_on_student_and_fails_on_source(tmp_path):
     assert not plain_student.passed and any(
         "NotImplementedError" in m for m in plain_student.messages
     )
+
+
+def test_validate_invert_catches_a_cascade_from_a_skipped_exercise(tmp_path):
+    nb = tiny_notebook()
+    nb.cells.append(new_code_cell("y = double(3)  # an ordinary cell that needs the exercise"))
+    src = tmp_path / "01_tiny.ipynb"
+    nbformat.write(nb, src)
+    (student,) = release.student_release([src], tmp_path / "student", None)
+    result = release.validate(student, invert=True)
+    assert not result.passed
+    assert any("cascade" in m and "exercise double is not done yet" in m for m in result.messages), result.messages
 
 
 def test_validate_invert_catches_a_tautological_check(tmp_path):
