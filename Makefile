@@ -43,19 +43,25 @@ workbook: $(STAMP)
 
 # (1) one papermill fast run per notebook (its failures become test_fast_run failures, so
 # pytest still runs and has the last word); (2) the same notebooks in a real JupyterLab and
-# headless Chromium (make uitest; skipped with a message where chromium is missing; its
-# failures become test_in_jupyterlab failures); (3) one pytest process: unit tests,
-# conventions, nbval on $(NBVAL_NOTEBOOKS), the student release with nbgrader validate --invert.
+# headless Chromium (make uitest), started in the background next to (3) one pytest process:
+# unit tests, conventions, nbval on $(NBVAL_NOTEBOOKS), the student release with nbgrader
+# validate --invert, and last tests/test_zz_in_jupyterlab.py, which waits for the browser
+# run's report (skipped with a message where chromium is missing).
 NBVAL_NOTEBOOKS ?= notebooks/00_start_here.ipynb
 test: $(STAMP)
 	rm -rf $(TEST_OUT)
 	OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE $(PY) -m lecturelib.workbook run --fast --timeout 180 --out $(TEST_OUT) || true
-	OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE $(PY) -m lecturelib.uitest --out $(TEST_OUT)/uitest --screens build/screens || true
-	WORKBOOK_FAST=1 OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE \
+	mkdir -p $(TEST_OUT)/uitest
+	{ OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE $(PY) -m lecturelib.uitest --out $(TEST_OUT)/uitest \
+	    --screens build/screens > $(TEST_OUT)/uitest.log 2>&1 || true; } & \
+	trap 'kill %1 2>/dev/null || true' EXIT; \
+	status=0; WORKBOOK_FAST=1 OMP_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE \
 	WORKBOOK_FAST_RUNS=$(CURDIR)/$(TEST_OUT)/runs.json \
 	WORKBOOK_UITEST=$(CURDIR)/$(TEST_OUT)/uitest/uitest.json \
 	WORKBOOK_RESULTS_DIR=$(CURDIR)/$(TEST_OUT)/nbval-results \
-	  $(PY) -m pytest tests $(NBVAL_NOTEBOOKS) --nbval-lax --nbval-current-env
+	  $(PY) -m pytest tests $(NBVAL_NOTEBOOKS) --nbval-lax --nbval-current-env || status=$$?; \
+	wait; echo "== browser run (make uitest):"; grep -E "widgets rendered|passed,|SKIPPED" $(TEST_OUT)/uitest.log || true; \
+	exit $$status
 
 # Real browser: JupyterLab on 127.0.0.1 (random port and token) serving a copy of notebooks/,
 # Debian's chromium driven by playwright; one line per notebook, screenshots in build/screens/.

@@ -194,7 +194,8 @@ def layer_output_mse(W: Tensor, W_q: Tensor, X: Tensor) -> float:
     _check_matrix(W)
     if W_q.shape != W.shape:
         raise ValueError(f"W_q must have W's shape {tuple(W.shape)}, got {tuple(W_q.shape)}")
-    return float(((X.double() @ (W.double() - W_q.double()).T) ** 2).mean())
+    dW = (W.double() - W_q.double()).float()  # the difference first: no cancellation in float32
+    return float(((X.float() @ dW.T).double() ** 2).mean())
 
 
 @dataclass
@@ -219,15 +220,30 @@ class QuantizeReport:
     """One entry per quantized layer, in model order."""
 
 
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the captured layer needs to run."""
+
+
 def _capture_inputs(model: nn.Module, layer: nn.Linear, batches: list[Tensor]) -> Tensor:
+    """The (n, in) inputs ``layer`` sees when ``model`` runs on ``batches``; the forward stops at the layer."""
     seen: list[Tensor] = []
-    h = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        seen.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        raise _StopForward
+
+    h = layer.register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
             for b in batches:
-                model(b)
+                try:
+                    model(b)
+                except _StopForward:
+                    pass
     finally:
         h.remove()
+    if len(seen) != len(batches):
+        raise ValueError("names must be layers that the model's forward calls once per batch")
     return torch.cat(seen).float()
 
 

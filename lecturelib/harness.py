@@ -247,17 +247,27 @@ PROGRESS_ENV = "WORKBOOK_PROGRESS"
 """Set to 0 to hide the progress bars (e.g. in a terminal log)."""
 
 
+def _in_jupyter_kernel() -> bool:
+    """True inside a running IPython kernel (JupyterLab, papermill, nbval, nbgrader)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and hasattr(shell, "kernel")
+
+
 def progress(iterable: Any, desc: str, total: int | None = None) -> Any:
     """Wrap a training loop's iterable in a tqdm.auto progress bar (a widget in Jupyter).
 
-    The bar stays after the loop with its count and time. ``WORKBOOK_PROGRESS=0`` hides it.
+    Shown in a Jupyter kernel (a widget, not stderr) and in a terminal; hidden when stderr is
+    not a terminal outside Jupyter (pytest, scripts, CI logs) and when ``WORKBOOK_PROGRESS=0``.
+    The bar stays after the loop with its count and time.
     Used in: every training loop that can take more than a few seconds (models, qat,
     adaround, mixed_precision, rl, dptq).
     """
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, leave=True, mininterval=0.5,
-                disable=os.environ.get(PROGRESS_ENV, "1") == "0")
+    interactive = _in_jupyter_kernel() or (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+    hidden = os.environ.get(PROGRESS_ENV, "1") == "0" or not interactive
+    return tqdm(iterable, desc=desc, total=total, leave=True, mininterval=0.5, disable=hidden)
 
 
 def set_threads(n: int | None = None) -> int:

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .gptq import GPTQConfig
+from .harness import progress
 from .quantizers import PerChannel, PerGroup, choose_qparams, quantize
 
 Tensor = torch.Tensor
@@ -149,6 +150,33 @@ def memory_bytes(model_or_state: nn.Module | dict) -> int:
     return sum(tensor_bytes(t) for t in _tensors(model_or_state))
 
 
+def bytes_by_dtype(model_or_state: nn.Module | dict) -> dict[str, int]:
+    """memory_bytes split by element type: {"float32": ..., "qint8": ..., "uint8": ...}, largest first.
+
+    The values add up to memory_bytes(model_or_state); a per-channel quantized tensor's scales and
+    zero points count with its own dtype; a tensor subclass (torchao) is split into its inner tensors.
+    Used in: 10_measure_one_level_deeper.
+    """
+    if isinstance(model_or_state, nn.Module):
+        with quiet():
+            model_or_state = model_or_state.state_dict()
+    if not isinstance(model_or_state, dict):
+        raise ValueError(f"model_or_state must be an nn.Module or a state dict, got {type(model_or_state).__name__}")
+    out: dict[str, int] = {}
+
+    def add(t: Tensor) -> None:
+        if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            for name in t.__tensor_flatten__()[0]:
+                add(getattr(t, name))
+            return
+        key = str(t.dtype).removeprefix("torch.")
+        out[key] = out.get(key, 0) + tensor_bytes(t)
+
+    for t in _tensors(model_or_state):
+        add(t)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def pack_codes(codes: Tensor, num_bits: int) -> Tensor:
     """Pack integer codes in [0, 2^num_bits) densely into uint8: ceil(numel * num_bits / 8) bytes.
 
@@ -239,6 +267,27 @@ def measure_latency(fn: Callable[[], Any], reps: int = 200, warmup: int = 20, th
     return LatencySample(out, warmup, threads)
 
 
+def measure_interleaved(fns: dict[str, Callable[[], Any]], reps: int = 200, warmup: int = 20, threads: int = 2,
+                        rounds: int = 5) -> dict[str, LatencySample]:
+    """Time several callables in turn: ``rounds`` rounds, each giving every callable reps/rounds timed calls.
+
+    Each callable first gets ``warmup`` untimed calls. Visiting the callables in turn, round after round,
+    spreads a change of machine load (another program starting) over all of them instead of letting it
+    land on whichever one was being timed; the per-call samples of all rounds are concatenated.
+    Used in: 10_measure_one_level_deeper, bench/latency.py.
+    """
+    if not isinstance(fns, dict) or not fns or not all(callable(f) for f in fns.values()):
+        raise ValueError("fns must be a non-empty dict of name -> callable taking no arguments")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= max(reps, 1):
+        raise ValueError(f"rounds must be an int in 1..reps, got {rounds!r}")
+    per = [reps // rounds + (1 if r < reps % rounds else 0) for r in range(rounds)]
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in fns}
+    for r, n in enumerate(per):
+        for k, f in fns.items():
+            parts[k].append(measure_latency(f, n, warmup if r == 0 else 0, threads).times_ms)
+    return {k: LatencySample(np.concatenate(v), warmup, threads) for k, v in parts.items()}
+
+
 def naive_latency(fn: Callable[[], Any]) -> float:
     """The seed report's way: one call, no warm-up, cold caches and lazy initialisation included (ms).
 
@@ -264,26 +313,51 @@ def timer_median_ms(fn: Callable[[], Any], min_run_time: float = 0.3, threads: i
     return m.median * 1e3
 
 
-CATEGORIES = ("quantize activations", "int GEMM", "dequantize", "float GEMM / conv", "dtype casts", "other")
+CATEGORIES = ("quantize activations", "int GEMM / conv", "dequantize", "float GEMM / conv", "dtype casts", "other")
+_INT8_STEPS = CATEGORIES[:3]
 
 
 def op_category(name: str) -> str:
-    """Map a profiler op name to one of CATEGORIES.
+    """Map one profiler op name to one of CATEGORIES (by the op's own name only).
 
+    dequantize*: "dequantize"; quantize_* / choose_qparams*: "quantize activations";
+    quantized::* (fbgemm's fused int8 kernels, which quantize and dequantize inside) and
+    _int_mm: "int GEMM / conv"; float matmul/conv/linear: "float GEMM / conv"; to/_to_copy/copy_:
+    "dtype casts"; everything else "other".
     Used in: 10_measure_one_level_deeper.
     """
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a str, got {type(name).__name__}")
     n = name.lower()
-    if "quantize_per" in n or "choose_qparams" in n or "quantize_dynamic" in n or "_quantize" in n.split("::")[-1][:9]:
-        return "quantize activations"
-    if n.startswith("quantized::") or "int_mm" in n or "_int8" in n or "int8" in n:
-        return "int GEMM"
-    if "dequantize" in n:
+    op = n.split("::")[-1]
+    if "dequantize" in op:
         return "dequantize"
-    if any(k in n for k in ("addmm", "aten::mm", "bmm", "matmul", "conv", "mkldnn", "linear", "scaled_dot")):
+    if op.startswith(("quantize_", "choose_qparams", "_choose_qparams")):
+        return "quantize activations"
+    if n.startswith("quantized::") or "int_mm" in op or "int8" in op:
+        return "int GEMM / conv"
+    if any(k in op for k in ("addmm", "mm", "matmul", "conv", "mkldnn", "linear", "scaled_dot")):
         return "float GEMM / conv"
-    if any(k in n for k in ("aten::to", "_to_copy", "copy_", "aten::type_as")):
+    if op in ("to", "_to_copy", "copy_", "type_as"):
         return "dtype casts"
     return "other"
+
+
+def event_category(event: Any) -> str:
+    """Category of one profiler event, counting the ops *inside* a quantize/int GEMM/dequantize op as part of it.
+
+    Walks from the event up its cpu_parent chain; the first op whose own category is one of the
+    three int8 steps wins (so torchao's quantize_affine, built from aten::mul/round/clamp, counts
+    as "quantize activations"); if there is none, the event's own category.
+    Used in: 10_measure_one_level_deeper (through profile_breakdown).
+    """
+    e = event
+    while e is not None:
+        c = op_category(e.name)
+        if c in _INT8_STEPS:
+            return c
+        e = e.cpu_parent
+    return op_category(event.name)
 
 
 @dataclass
@@ -326,12 +400,16 @@ def profile_breakdown(fn: Callable[[], Any], reps: int = 30, warmup: int = 5, th
 
     Self time counts an op's own time without its children, so the categories add up to the
     profiled total (which includes the profiler's own overhead of a few microseconds per op).
+    The ops inside a quantize / int GEMM / dequantize op count for that op (``event_category``).
     Used in: 10_measure_one_level_deeper.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
-        raise ValueError(f"reps must be an int >= 1, got {reps!r}")
+    if not callable(fn):
+        raise ValueError("fn must be a callable taking no arguments")
+    for name, v, lo in (("reps", reps, 1), ("warmup", warmup, 0), ("threads", threads, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -344,17 +422,100 @@ def profile_breakdown(fn: Callable[[], Any], reps: int = 30, warmup: int = 5, th
                     for _ in range(reps):
                         fn()
                     wall = (time.perf_counter_ns() - t0) / 1e6 / reps
-                events = prof.key_averages()
+                events = list(prof.events())
     finally:
         torch.set_num_threads(old)
     ms = {c: 0.0 for c in CATEGORIES}
-    ops = []
+    per_op: dict[str, float] = {}
     for e in events:
         t = e.self_cpu_time_total / 1e3 / reps
-        ms[op_category(e.key)] += t
-        ops.append((e.key, t))
-    ops.sort(key=lambda kv: -kv[1])
+        ms[event_category(e)] += t
+        per_op[e.name] = per_op.get(e.name, 0.0) + t
+    ops = sorted(per_op.items(), key=lambda kv: -kv[1])
     return Breakdown(ms, sum(ms.values()), wall, ops[:5])
+
+
+def profile_interleaved(fns: dict[str, Callable[[], Any]], reps: int = 10, warmup: int = 3, threads: int = 2,
+                        rounds: int = 3) -> dict[str, Breakdown]:
+    """profile_breakdown of several callables in interleaved rounds; per callable, its least disturbed round.
+
+    Each round profiles every callable in turn (``reps`` calls each; ``warmup`` untimed calls in the
+    first round only). A burst of load from another program inflates whichever round it hits, so per
+    callable the round with the smallest profiled wall time is kept (the same reasoning as taking the
+    minimum of repeated timeit runs).
+    Used in: 10_measure_one_level_deeper.
+    """
+    if not isinstance(fns, dict) or not fns or not all(callable(f) for f in fns.values()):
+        raise ValueError("fns must be a non-empty dict of name -> callable taking no arguments")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    best: dict[str, Breakdown] = {}
+    for r in range(rounds):
+        for k, f in fns.items():
+            b = profile_breakdown(f, reps, warmup if r == 0 else 0, threads)
+            if k not in best or b.wall_ms < best[k].wall_ms:
+                best[k] = b
+    return best
+
+
+@dataclass
+class LinearParts:
+    """Latency of one linear layer, whole and taken apart (``int8_linear_parts``)."""
+
+    samples: dict[str, LatencySample]
+    """Step name -> per-call times; see int8_linear_parts for the steps."""
+    max_abs_error: float
+    """max |y_chain - y_fp32| of the hand-made int8 chain: it computes the same layer."""
+
+
+def int8_linear_parts(layer: nn.Linear, x: Tensor, reps: int = 200, warmup: int = 20,
+                      threads: int = 2) -> LinearParts:
+    """Time y = x W^T + b for one layer: fp32, fbgemm's fused int8 kernel, and int8 built from separate ops.
+
+    The chain does what a dynamic int8 linear must do, one PyTorch op per step:
+      quantize activations: s_x = max|x| / 127, x_q = clamp(round(x / s_x), -127, 127) as int8
+      int GEMM:             acc = x_q @ W_q^T in int32 (torch._int_mm), W_q = round(W / s_w) per row
+      dequantize:           y = acc * (s_x * s_w) + b in float32
+    fbgemm's quantized::linear_dynamic does all three inside one kernel. Each step is timed on its
+    own (warm-up, then ``reps`` calls, interleaved with the other steps by measure_interleaved);
+    "int8 chain" times the three in a row.
+    Paper: Jacob et al. 2018 (integer GEMM with float rescaling).
+    Used in: 10_measure_one_level_deeper, bench/latency.py.
+    """
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(f"layer must be an nn.Linear, got {type(layer).__name__}")
+    if x.ndim != 2 or x.shape[1] != layer.in_features or not x.is_floating_point():
+        raise ValueError(f"x must be a float (n, {layer.in_features}) tensor, got {tuple(x.shape)} {x.dtype}")
+    W = layer.weight.detach().float()
+    b = layer.bias.detach().float() if layer.bias is not None else torch.zeros(W.shape[0])
+    s_w = W.abs().amax(dim=1).clamp_min(1e-12) / 127  # (out,)
+    Wq_t = torch.round(W / s_w[:, None]).clamp(-127, 127).to(torch.int8).t().contiguous()  # (in, out)
+    fused = dynamic_int8(nn.Sequential(layer))[0]
+
+    def quant(x: Tensor) -> tuple[Tensor, Tensor]:
+        s_x = x.abs().amax().clamp_min(1e-12) / 127
+        return torch.round(x / s_x).clamp(-127, 127).to(torch.int8), s_x
+
+    def dequant(acc: Tensor, s_x: Tensor) -> Tensor:
+        return acc.float() * (s_x * s_w) + b
+
+    def chain(x: Tensor) -> Tensor:
+        xq, s_x = quant(x)
+        return dequant(torch._int_mm(xq, Wq_t), s_x)
+
+    with torch.inference_mode():
+        xq, s_x = quant(x)
+        acc = torch._int_mm(xq, Wq_t)
+        err = float((chain(x) - F.linear(x, W, b)).abs().max())
+    steps: dict[str, Callable[[], Any]] = {
+        "fp32 F.linear": lambda: F.linear(x, W, b),
+        "fbgemm fused int8": lambda: fused(x),
+        "int8 chain": lambda: chain(x),
+        "quantize activations": lambda: quant(x),
+        "int GEMM (_int_mm)": lambda: torch._int_mm(xq, Wq_t),
+        "dequantize": lambda: dequant(acc, s_x),
+    }
+    return LinearParts(measure_interleaved(steps, reps, warmup, threads, rounds=min(5, reps)), err)
 
 
 # ----------------------------------------------------------------------------- digits CNN
@@ -600,7 +761,7 @@ def train_lm(model: TinyLM, tokens: Tensor, cfg: LMConfig) -> list[float]:
         opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / max(cfg.steps, 1))))
     model.train()
     losses = []
-    for _ in range(cfg.steps):
+    for _ in progress(range(cfg.steps), desc="training TinyLM"):
         x, y = _batch(tokens, cfg.ctx, cfg.batch, g)
         loss = F.cross_entropy(model(x).reshape(-1, cfg.vocab), y.reshape(-1))
         opt.zero_grad()
@@ -614,17 +775,26 @@ def train_lm(model: TinyLM, tokens: Tensor, cfg: LMConfig) -> list[float]:
 
 
 def lm_windows(tokens: Tensor, ctx: int, max_windows: int | None = None) -> tuple[Tensor, Tensor]:
-    """Non-overlapping (input, target) windows of length ctx covering ``tokens`` in order.
+    """Non-overlapping (input, target) windows of length ctx, in text order.
 
+    The text holds n = (len(tokens) - 1) // ctx windows; with ``max_windows`` < n, that many are
+    taken evenly spaced over the whole text (window k = round(k (n - 1) / (max_windows - 1))), so
+    a small sample still covers every file instead of only the first one.
     Used in: 10_measure_one_level_deeper.
     """
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1:
+        raise ValueError(f"ctx must be a positive int, got {ctx!r}")
     n = (len(tokens) - 1) // ctx
-    if max_windows is not None:
-        n = min(n, max_windows)
     if n < 1:
         raise ValueError(f"tokens must have more than ctx = {ctx} entries, got {len(tokens)}")
     x = tokens[: n * ctx].reshape(n, ctx)
     y = tokens[1 : n * ctx + 1].reshape(n, ctx)
+    if max_windows is not None:
+        if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
+            raise ValueError(f"max_windows must be None or a positive int, got {max_windows!r}")
+        if max_windows < n:
+            idx = torch.linspace(0, n - 1, max_windows).round().long()
+            x, y = x[idx], y[idx]
     return x, y
 
 
@@ -638,27 +808,35 @@ class LMEval:
     """Fraction of positions where argmax p(next | prefix) is the true next character."""
     tokens: int
     """Positions evaluated."""
+    window_nll: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """Mean cross-entropy (nats) of each window, in window order: for paired comparisons of two models."""
+    last_char_correct: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    """Per window: is the argmax prediction of its *last* character right (the seed report's kind of metric)."""
 
 
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, x: Tensor, y: Tensor, batch: int = 32) -> LMEval:
     """Perplexity = exp(mean CE) and next-token accuracy over all positions of the windows (x, y).
 
+    Also keeps the mean CE of each window and whether each window's last character was predicted.
     Used in: 10_measure_one_level_deeper.
     """
     if x.shape != y.shape or x.ndim != 2:
         raise ValueError(f"x and y must be equal (n, ctx) tensors, got {tuple(x.shape)} and {tuple(y.shape)}")
-    nll, correct = 0.0, 0
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    window_nll, last, correct = [], [], 0
     with quiet():
         for i in range(0, len(x), batch):
-            logits = model(x[i : i + batch]).float()
+            logits = model(x[i : i + batch]).float()  # (b, T, vocab)
             yy = y[i : i + batch]
-            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yy.reshape(-1), reduction="sum"))
-            correct += int((logits.argmax(-1) == yy).sum())
-    n = y.numel()
-    return LMEval(math.exp(nll / n), correct / n, n)
-
-
+            nll = F.cross_entropy(logits.transpose(1, 2), yy, reduction="none")  # (b, T)
+            window_nll.append(nll.double().mean(dim=1))
+            hit = logits.argmax(-1) == yy
+            correct += int(hit.sum())
+            last.append(hit[:, -1])
+    w = torch.cat(window_nll).numpy()
+    return LMEval(math.exp(float(w.mean())), correct / y.numel(), y.numel(), w, torch.cat(last).numpy())
 
 
 SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile")

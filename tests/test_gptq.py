@@ -86,3 +86,37 @@ def test_bad_inputs():
         gptq.quantize_model(nn.Linear(2, 2), [torch.randn(1, 2)], gptq.GPTQConfig(group_size=None), "awq")
     with pytest.raises(ValueError, match="X must"):
         gptq.hessian(torch.randn(3))
+
+
+def test_captured_inputs_are_what_the_layer_sees_and_the_forward_stops_there():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Tanh())
+    batches = [torch.randn(5, 8), torch.randn(3, 8)]
+    calls = []
+    h = m[3].register_forward_hook(lambda *a: calls.append(1))
+    X = gptq._capture_inputs(m, m[2], batches)
+    h.remove()
+    with torch.no_grad():
+        want = torch.cat([torch.relu(m[0](b)) for b in batches])
+    assert torch.equal(X, want) and calls == []  # the layers after the captured one never ran
+
+
+def test_quantize_model_rejects_a_layer_the_forward_does_not_call():
+    class Partial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.raises(ValueError, match="names"):
+        gptq.quantize_model(Partial(), [torch.randn(2, 4)], gptq.GPTQConfig(group_size=None), names=["unused"])
+
+
+def test_layer_output_mse_against_the_direct_formula():
+    g = torch.Generator().manual_seed(3)
+    W, X = torch.randn(6, 10, generator=g), torch.randn(50, 10, generator=g)
+    W_q = W + 1e-3 * torch.randn(6, 10, generator=g)
+    ref = float(((X.double() @ W.double().T - X.double() @ W_q.double().T) ** 2).mean())
+    assert gptq.layer_output_mse(W, W_q, X) == pytest.approx(ref, rel=1e-4)

@@ -718,3 +718,15 @@ def test_kernel_env_pins_threads_and_stops_spinning(tmp_path):
     env = workbook.kernel_env(True, tmp_path)
     assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["WORKBOOK_FAST"] == "1"
     assert int(env["OMP_NUM_THREADS"]) <= 2 and env["WORKBOOK_RESULTS_DIR"] == str(tmp_path.resolve())
+
+
+def test_progress_is_silent_outside_jupyter_and_counts_everything(capsys):
+    assert list(harness.progress(range(5), desc="x")) == [0, 1, 2, 3, 4]
+    assert capsys.readouterr().err == ""  # pytest: not a kernel, stderr not a terminal
+
+
+def test_progress_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(harness, "_in_jupyter_kernel", lambda: True)  # pretend to be in a kernel
+    assert harness.progress(range(3), desc="x").disable is False
+    monkeypatch.setenv("WORKBOOK_PROGRESS", "0")
+    assert harness.progress(range(3), desc="x").disable is True

@@ -112,27 +112,6 @@ def test_fast_run(path):
     )
 
 
-# ----------------------------------------------------------------------------- real JupyterLab (make test)
-UITEST = os.environ.get("WORKBOOK_UITEST", "")
-
-
-@pytest.mark.skipif(not UITEST, reason="WORKBOOK_UITEST not set (make test sets it)")
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
-def test_in_jupyterlab(path):
-    """The browser run of lecturelib.uitest: no error, every widget rendered, explorers react."""
-    report_file = Path(UITEST)
-    assert report_file.is_file(), f"{report_file} is missing: the browser run did not finish"
-    report = json.loads(report_file.read_text())
-    if "skipped" in report:
-        pytest.skip(report["skipped"])
-    runs = {r["stem"]: r for r in report["results"]}
-    assert path.stem in runs, f"{path.name} was not opened in JupyterLab"
-    run = runs[path.stem]
-    assert run["ok"], f"{path.name} in JupyterLab: " + " | ".join(run["errors"])
-    assert run["widgets_rendered"] == run["widgets_expected"]
-    assert run["explorers_reacting"] == run["explorers"]
-
-
 # ----------------------------------------------------------------------------- student release
 GRADED = [p for p in NOTEBOOKS if release.graded_cells(_read(p))]
 
