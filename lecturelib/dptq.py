@@ -17,6 +17,12 @@ shared/seeds; no public code). Pipeline:
    margin; detrimental: some other class beats the teacher's top-1 by the margin) + KD on the
    unquantized student. The policy's gradient comes only from the hinge loss.
 
+Choices the paper leaves open, made here: knapsack profits are the policy's logits (softmax profits
+made the policies settle on one allocation), the policy has its own learning rate, and BatchNorm
+statistics stay frozen while fine-tuning (else the quantized pass updates the statistics that the
+full-precision network uses at test time). ``plant_outlier_channel`` builds the "dormant outlier"
+white box that notebook 09 uses after the plain recipe failed to give a detrimental pair at its scale.
+
 Terminology: "dynamic" in the paper = bit widths chosen per input by a policy. PyTorch's
 "dynamic quantization" = fixed int8 weights with an activation scale computed at run time.
 Everything here is device-agnostic: tensors follow the model's device.
@@ -27,7 +33,9 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -35,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .harness import progress
 from .quantizers import choose_qparams, fake_quantize
 
 Tensor = torch.Tensor
@@ -78,14 +87,16 @@ class PairConfig:
     """Bit-width options (K of them), e.g. OPTION_SETS['I'] = [3..10]."""
     budget: int = 22
     """Total activation bits over the L layers; every allocation sums to exactly this."""
-    epochs: int = 40
+    epochs: int = 10
     """Passes over the training set."""
-    lr: float = 2e-3
-    """Adam learning rate: constant for the first const_frac of the steps, then a cosine tail."""
+    lr: float = 1e-3
+    """Adam learning rate of the student: constant for the first const_frac of the steps, then a cosine tail."""
+    policy_lr: float = 1e-2
+    """Adam learning rate of the policy (same schedule); at 1e-3 the policies drifted between allocations."""
     const_frac: float = 0.75
     """Share of the steps at constant learning rate (cosine from the start prevented D's failure)."""
     hinge_weight: float = 4.0
-    """lambda in loss = KL + lambda * hinge (3-5 worked; 1 did nothing, 20 broke full precision)."""
+    """lambda in loss = KL + lambda * hinge."""
     margin: float = 0.3
     """Softmax margin m of the hinge losses."""
     temperature: float = 2.0
@@ -94,10 +105,20 @@ class PairConfig:
     """Examples per step."""
     weight_bits: int = 16
     """Static symmetric weight bits at evaluation (16 in the paper)."""
+    profit: str = "logits"
+    """Knapsack profits: the policy's raw 'logits' or their 'softmax' (the paper allows both; with
+    softmax profits the policies settled on one allocation for every input)."""
+    freeze_bn: bool = True
+    """Keep BatchNorm in eval mode while fine-tuning: otherwise the quantized pass also updates the
+    running statistics that the full-precision network uses at test time."""
     detach_range: bool = False
     """Detach each example's activation min/max (the feasibility run: then D barely breaks)."""
     seed: int = 0
     """Seed of the policy's initialisation and the batch order."""
+
+
+PROFITS = ("logits", "softmax")
+"""Allowed PairConfig.profit values."""
 
 
 # ----------------------------------------------------------------------------- checks
@@ -125,12 +146,15 @@ def feasible_budgets(num_layers: int, options: Sequence[int]) -> list[int]:
 def budget_for(num_layers: int, avg_bits: float | str, options: Sequence[int]) -> int:
     """Budget = round(avg_bits * L), avg_bits a number or the paper's 'A' (4), 'B' (5.5), 'C' (7).
 
+    For a letter and an option set whose smallest option exceeds 3 (the paper's II and III), one bit
+    per layer is added: the paper adds 20 / 30 / 80 bits to its ResNet18 / MobileNetV4 / RegNetX
+    budgets for II and III, about one bit per quantized layer, so that budget A stays feasible.
     Used in: 09_dptq_catastrophic_failure
     """
     if isinstance(avg_bits, str):
         if avg_bits not in BUDGET_AVG_BITS:
             raise ValueError(f"avg_bits must be a number or one of {list(BUDGET_AVG_BITS)}, got {avg_bits!r}")
-        avg_bits = BUDGET_AVG_BITS[avg_bits]
+        avg_bits = BUDGET_AVG_BITS[avg_bits] + (1.0 if min(_check_options(options)) > 3 else 0.0)
     b = int(round(avg_bits * num_layers))
     if b not in feasible_budgets(num_layers, options):
         raise ValueError(f"budget {b} is infeasible for L={num_layers} and options {list(options)}")
@@ -340,6 +364,7 @@ class SmallCNN(nn.Module):
         if len(channels) < 1 or any(c < 1 for c in channels):
             raise ValueError(f"channels must be positive ints, got {channels!r}")
         self.residual = residual
+        self.channels = tuple(int(c) for c in channels)
         self.convs = nn.ModuleList()
         self.bns = nn.ModuleList()
         self.acts = nn.ModuleList()
@@ -364,6 +389,64 @@ class SmallCNN(nn.Module):
 
     def point_names(self) -> list[str]:
         return [f"acts.{i}" for i in range(len(self.acts))]
+
+
+class ConstantChannel(nn.Module):
+    """Appends one channel that is constantly ``value`` (a learnable scalar): (B, C, H, W) -> (B, C+1, H, W).
+
+    Used in: 09_dptq_catastrophic_failure
+    """
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(float(value)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([x, self.value.expand(x.shape[0], 1, *x.shape[2:])], 1)
+
+
+def plant_outlier_channel(model: SmallCNN, value: float) -> SmallCNN:
+    """A copy of ``model`` with a dormant outlier: the last block's activation gains one channel that
+    is constantly ``value``, and the classifier gives it zero weight.
+
+    Full precision: logits unchanged (fc column = 0). Dynamic b-bit quantization of that activation:
+    S = max / (2^b - 1) >= value / (2^b - 1), so every real activation below S / 2 rounds to 0, and
+    at low b the classifier sees almost nothing (the Fig. 3 zero-bin collapse). The paper's Sect. 3.1
+    names "intentional implanted vulnerabilities" as a risk of black-box models; this is one.
+    Used in: 09_dptq_catastrophic_failure
+    """
+    if not isinstance(model, SmallCNN):
+        raise ValueError(f"model must be a SmallCNN, got {type(model).__name__}")
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"value must be a finite number > 0, got {value!r}")
+    m = copy.deepcopy(model)
+    m.acts[-1] = nn.Sequential(m.acts[-1], ConstantChannel(value))
+    old = m.fc
+    fc = nn.Linear(old.in_features + 1, old.out_features).to(old.weight)
+    with torch.no_grad():
+        fc.weight.zero_()
+        fc.weight[:, : old.in_features] = old.weight
+        fc.bias.copy_(old.bias)
+    m.fc = fc
+    return m
+
+
+def train_or_load(model: nn.Module, path: str | Path, train_fn: Callable[[], Any]) -> bool:
+    """Load the state_dict at ``path`` into ``model`` if the file exists, else run ``train_fn()`` and save.
+
+    Returns True when loaded. Checkpoints are plain state_dicts (torch.load(weights_only=True)).
+    Used in: 09_dptq_catastrophic_failure
+    """
+    path = Path(path)
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True, map_location=next(model.parameters()).device))
+        model.eval()
+        return True
+    train_fn()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    model.eval()
+    return False
 
 
 class PolicyCNN(nn.Module):
@@ -501,7 +584,7 @@ def train_teacher(model: nn.Module, X: Tensor, y: Tensor, epochs: int = 40, lr: 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     losses = []
     model.train()
-    for _ in range(epochs):
+    for _ in progress(range(epochs), desc="training the teacher"):
         for idx in _batches(len(X), batch_size, g):
             xb = _shift_augment(X[idx], g).to(dev)
             loss = F.cross_entropy(model(xb), y[idx].to(dev))
@@ -533,7 +616,7 @@ def distill(student: nn.Module, teacher: Callable[[Tensor], Tensor], X: Tensor, 
     beta = cfg.mixup_alpha > 0
     losses = []
     student.train()
-    for _ in range(cfg.epochs):
+    for _ in progress(range(cfg.epochs), desc="distilling the student"):
         for idx in _batches(len(X), cfg.batch_size, g):
             xb = X[idx]
             if cfg.augment:
@@ -553,6 +636,18 @@ def distill(student: nn.Module, teacher: Callable[[Tensor], Tensor], X: Tensor, 
             losses.append(loss.item())
     student.eval()
     return losses
+
+
+def _bn_eval(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _profits(logits: Tensor, profit: str) -> Tensor:
+    if profit not in PROFITS:
+        raise ValueError(f"profit must be one of {PROFITS}, got {profit!r}")
+    return logits if profit == "logits" else F.softmax(logits, -1)
 
 
 @dataclass
@@ -576,14 +671,17 @@ def train_pair(white_box: nn.Module, point_names: Sequence[str], X: Tensor, kind
     """Self-distil a copy of the white box into a robust or detrimental network-policy pair.
 
     teacher = frozen white box; student = its copy; per batch:
-      sel = STE-MCKP(softmax(policy(x)));  p_q = softmax(student_q(x; sel))
+      sel = STE-MCKP(profits(policy(x)));  p_q = softmax(student_q(x; sel))
       loss = KL_T(student(x), teacher(x)) + lambda * hinge_kind(p_q, teacher(x))
-    The policy only sees the hinge term (KL does not depend on it). Adam, constant learning rate
-    for const_frac of the steps, then a cosine tail. Paper: Sects. 3.2-3.4.
+    The policy only sees the hinge term (KL does not depend on it). Adam (student and policy with
+    their own learning rates), constant for const_frac of the steps, then a cosine tail; BatchNorm
+    statistics frozen when cfg.freeze_bn. Paper: Sects. 3.2-3.4.
     Used in: 09_dptq_catastrophic_failure
     """
     if kind not in ("robust", "detrimental"):
         raise ValueError(f"kind must be 'robust' or 'detrimental', got {kind!r}")
+    if cfg.profit not in PROFITS:
+        raise ValueError(f"cfg.profit must be one of {PROFITS}, got {cfg.profit!r}")
     if cfg.epochs < 1 or not 0 <= cfg.const_frac <= 1 or cfg.hinge_weight < 0:
         raise ValueError(f"cfg needs epochs >= 1, const_frac in [0, 1], hinge_weight >= 0; got {cfg}")
     opts = _check_options(cfg.options)
@@ -600,7 +698,8 @@ def train_pair(white_box: nn.Module, point_names: Sequence[str], X: Tensor, kind
     net.detach_range = cfg.detach_range
     policy = PolicyCNN(len(point_names), len(opts), in_ch=in_ch).to(dev)
     hinge = hinge_robust if kind == "robust" else hinge_detrimental
-    opt = torch.optim.Adam(list(student.parameters()) + list(policy.parameters()), lr=cfg.lr)
+    opt = torch.optim.Adam([{"params": list(student.parameters()), "lr": cfg.lr},
+                            {"params": list(policy.parameters()), "lr": cfg.policy_lr}])
     steps = cfg.epochs * math.ceil(len(X) / cfg.batch_size)
     n_const = int(cfg.const_frac * steps)
 
@@ -611,9 +710,11 @@ def train_pair(white_box: nn.Module, point_names: Sequence[str], X: Tensor, kind
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     history = []
-    for _ in range(cfg.epochs):
+    for _ in progress(range(cfg.epochs), desc="training a network-policy pair"):
         net.train()
         policy.train()
+        if cfg.freeze_bn:
+            _bn_eval(net)
         kd_sum = h_sum = 0.0
         nb = 0
         for idx in _batches(len(X), cfg.batch_size, g):
@@ -621,8 +722,7 @@ def train_pair(white_box: nn.Module, point_names: Sequence[str], X: Tensor, kind
             with torch.no_grad():
                 t = teacher(xb)
             kd = kd_loss(net(xb), t, cfg.temperature)
-            scores = F.softmax(policy(xb), -1)
-            sel = ste_select(scores, opts, cfg.budget)
+            sel = ste_select(_profits(policy(xb), cfg.profit), opts, cfg.budget)
             pq = F.softmax(net(xb, sel), -1)
             h = hinge(pq, t, cfg.margin)
             loss = kd + cfg.hinge_weight * h
@@ -639,12 +739,46 @@ def train_pair(white_box: nn.Module, point_names: Sequence[str], X: Tensor, kind
     return PairResult(net, policy, kind, cfg, history)
 
 
+def config_tag(cfg: Any) -> str:
+    """Eight hex digits naming a config dataclass (checkpoint file names change when it does).
+
+    Used in: 09_dptq_catastrophic_failure
+    """
+    return hashlib.sha1(repr(sorted(asdict(cfg).items())).encode()).hexdigest()[:8]
+
+
+def train_or_load_pair(white_box: nn.Module, point_names: Sequence[str], X: Tensor, kind: str, cfg: PairConfig,
+                       path: str | Path, in_ch: int = 1) -> tuple[PairResult, bool]:
+    """train_pair, or load its {'net', 'policy'} state_dicts from ``path`` when the file exists.
+
+    Returns (pair, loaded). A loaded pair has an empty history.
+    Used in: 09_dptq_catastrophic_failure
+    """
+    if kind not in ("robust", "detrimental"):
+        raise ValueError(f"kind must be 'robust' or 'detrimental', got {kind!r}")
+    path = Path(path)
+    if path.exists():
+        opts = _check_options(cfg.options)
+        dev = next(white_box.parameters()).device
+        net = QuantPoints(copy.deepcopy(white_box), point_names, opts).to(dev)
+        policy = PolicyCNN(len(point_names), len(opts), in_ch=in_ch).to(dev)
+        sd = torch.load(path, weights_only=True, map_location=dev)
+        net.backbone.load_state_dict(sd["net"])
+        policy.load_state_dict(sd["policy"])
+        return PairResult(net.eval(), policy.eval(), kind, cfg, []), True
+    pr = train_pair(white_box, point_names, X, kind, cfg, in_ch=in_ch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"net": pr.net.backbone.state_dict(), "policy": pr.policy.state_dict()}, path)
+    return pr, False
+
+
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def policy_selection(policy: PolicyCNN | str, X: Tensor, options: Sequence[int], budget: int,
-                     seed: int = 0, num_layers: int | None = None) -> Tensor:
-    """(N, L, K) one-hot allocations: MCKP(softmax(policy(X))), or random ones if policy == 'random'.
+                     seed: int = 0, num_layers: int | None = None, profit: str = "logits") -> Tensor:
+    """(N, L, K) one-hot allocations: MCKP(profits(policy(X))), or random ones if policy == 'random'.
 
+    profit must match the one the policy was trained with (PairConfig.profit).
     Used in: 09_dptq_catastrophic_failure
     """
     if isinstance(policy, str):
@@ -654,8 +788,16 @@ def policy_selection(policy: PolicyCNN | str, X: Tensor, options: Sequence[int],
             raise ValueError("num_layers must be given for policy='random'")
         return random_selection(len(X), num_layers, options, budget, torch.Generator().manual_seed(seed))
     dev = next(policy.parameters()).device
-    scores = F.softmax(policy(X.to(dev)), -1)
-    return mckp_select(scores, options, budget)
+    return mckp_select(_profits(policy(X.to(dev)), profit), options, budget).cpu()
+
+
+def pair_selection(pair: "PairResult", X: Tensor) -> Tensor:
+    """The allocations a trained pair's policy gives X (its own options, budget and profit).
+
+    Used in: 09_dptq_catastrophic_failure
+    """
+    c = pair.cfg
+    return policy_selection(pair.policy, X, c.options, c.budget, profit=c.profit)
 
 
 @torch.no_grad()
@@ -691,6 +833,28 @@ def predict(net: QuantPoints, X: Tensor, sel: Tensor | None = None, weight_bits:
         if saved is not None:
             net.backbone.load_state_dict(saved)
     return out.cpu()
+
+
+def pair_row(R: PairResult, D: PairResult, X: Tensor, y: Tensor, seed: int = 0) -> dict[str, float | int]:
+    """One Table-1 row of a trained R/D pair on (X, y); accuracies in points (0-100), drops positive = worse.
+
+    R_drop = acc(R) - acc(R quantized by R's policy); D_drop likewise with D's policy;
+    D_random_drop = acc(D) - acc(D under a random budget-respecting allocation per example);
+    distinct_allocations_R/D = number of different bit vectors each policy uses on X.
+    Paper: Table 1 (and the Random row of Table 3).
+    Used in: 09_dptq_catastrophic_failure
+    """
+    if R.cfg.options != D.cfg.options or R.cfg.budget != D.cfg.budget:
+        raise ValueError("R and D must share options and budget")
+    opts, budget = R.cfg.options, R.cfg.budget
+    sR, sD = pair_selection(R, X), pair_selection(D, X)
+    s_rand = policy_selection("random", X, opts, budget, seed=seed, num_layers=D.net.num_layers)
+    R_fp, D_fp = evaluate(R.net, X, y), evaluate(D.net, X, y)
+    return {"R_fp": R_fp, "R_drop": R_fp - evaluate(R.net, X, y, sR, R.cfg.weight_bits),
+            "D_fp": D_fp, "D_drop": D_fp - evaluate(D.net, X, y, sD, D.cfg.weight_bits),
+            "D_random_drop": D_fp - evaluate(D.net, X, y, s_rand, D.cfg.weight_bits),
+            "distinct_allocations_R": distinct_allocations(sR, opts),
+            "distinct_allocations_D": distinct_allocations(sD, opts)}
 
 
 def distinct_allocations(sel: Tensor, options: Sequence[int]) -> int:
@@ -737,14 +901,16 @@ def layer_isolation(net: QuantPoints, sel_fn: Callable[[Tensor], Tensor], data: 
 
 
 @torch.no_grad()
-def activation_records(net: QuantPoints, X: Tensor, sel: Tensor) -> list[tuple[Tensor, Tensor]]:
+def activation_records(net: QuantPoints, X: Tensor, sel: Tensor | None) -> list[tuple[Tensor, Tensor]]:
     """Per quant point: (full-precision activation, its dynamically quantized version) on X.
 
+    sel = None records the full-precision activations twice.
     Used in: 09_dptq_catastrophic_failure
     """
     net.record = []
+    dev = next(net.parameters()).device
     try:
-        net(X, sel)
+        net(X.to(dev), None if sel is None else sel.to(dev))
         return [(a.cpu(), q.cpu()) for a, q in net.record]
     finally:
         net.record = None
@@ -767,7 +933,7 @@ CORRUPTIONS: dict[str, list[float]] = {
     "gaussian_noise": [0.0, 0.1, 0.2, 0.3],
     "brightness": [0.0, 0.1, 0.2, 0.3],
     "contrast": [1.0, 0.7, 0.5, 0.3],
-    "random_erasing": [0.0, 0.1, 0.2, 0.3],
+    "random_erasing": [0.0, 0.1, 0.25, 0.4],
     "rotation": [0.0, 10.0, 20.0, 30.0],
     "norm_shift": [0.0, 0.1, 0.2, 0.3],
 }
@@ -844,38 +1010,33 @@ def bits_explorer(X: Tensor, y: Tensor, pairs: dict[str, PairResult], options: S
 
     Used in: 09_dptq_catastrophic_failure
     """
-    import ipywidgets as w
     import matplotlib.pyplot as plt
 
-    out = w.Output()
-    slider = w.IntSlider(value=0, min=0, max=len(X) - 1, description="test image")
+    from .explorers import explorer, int_slider
 
-    def redraw(*_: Any) -> None:
-        i = slider.value
+    def draw(test_image: int) -> None:
+        i = test_image
         xi = X[i : i + 1]
-        with out:
-            out.clear_output(wait=True)
-            fig, axes = plt.subplots(1, 2, figsize=(8, 2.8), gridspec_kw={"width_ratios": [1, 2.5]})
-            axes[0].imshow(xi[0, 0].cpu(), cmap="gray_r")
-            axes[0].set_title(f"label {int(y[i])}")
-            axes[0].axis("off")
-            L = next(iter(pairs.values())).net.num_layers
-            wdt = 0.8 / len(pairs)
-            for j, (name, pr) in enumerate(pairs.items()):
-                sel = policy_selection(pr.policy, xi, options, budget)
-                bits = selection_bits(sel, options)[0]
-                pq = int(predict(pr.net, xi, sel)[0])
-                pf = int(predict(pr.net, xi)[0])
-                axes[1].bar(np.arange(L) + j * wdt, bits.numpy(), wdt, label=f"{name}: fp {pf}, quantized {pq}")
-            axes[1].set_xlabel("quantized layer")
-            axes[1].set_ylabel("bits")
-            axes[1].set_xticks(np.arange(L) + wdt / 2, [str(l + 1) for l in range(L)])
-            axes[1].legend(fontsize=8)
-            plt.show()
+        fig, axes = plt.subplots(1, 2, figsize=(8, 2.8), gridspec_kw={"width_ratios": [1, 2.5]})
+        axes[0].imshow(xi[0, 0].cpu(), cmap="gray_r")
+        axes[0].set_title(f"test image {i}, label {int(y[i])}")
+        axes[0].axis("off")
+        L = next(iter(pairs.values())).net.num_layers
+        wdt = 0.8 / len(pairs)
+        for j, (name, pr) in enumerate(pairs.items()):
+            sel = pair_selection(pr, xi)
+            bits = selection_bits(sel, options)[0]
+            pq = int(predict(pr.net, xi, sel)[0])
+            pf = int(predict(pr.net, xi)[0])
+            axes[1].bar(np.arange(L) + j * wdt, bits.numpy(), wdt, label=f"{name}: fp {pf}, quantized {pq}")
+        axes[1].set_xlabel("quantized layer")
+        axes[1].set_ylabel("bits")
+        axes[1].set_title(f"bit widths per layer (each policy sums to {budget} bits)", fontsize=9)
+        axes[1].set_xticks(np.arange(L) + wdt / 2, [str(l + 1) for l in range(L)])
+        axes[1].legend(fontsize=8)
 
-    slider.observe(redraw, names="value")
-    redraw()
-    return w.VBox([slider, out])
+    return explorer(draw, title="R's and D's policies on one test image",
+                    test_image=int_slider(0, 0, len(X) - 1, description="test image"))
 
 
 def brute_force_mckp(scores: Tensor, options: Sequence[int], budget: int) -> tuple[float, tuple[int, ...]] | None:

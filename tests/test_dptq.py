@@ -141,3 +141,96 @@ def test_predict_really_quantizes():
     w0 = m.fc.weight.clone()
     D.predict(net, x, sel, weight_bits=4)
     assert torch.equal(m.fc.weight, w0)  # weights restored
+
+
+def test_planted_outlier_channel_is_invisible_in_fp_and_collapses_low_bits():
+    torch.manual_seed(0)
+    m, names = D.make_model("cnn4")
+    m.eval()
+    x = torch.rand(32, 1, 8, 8)
+    planted = D.plant_outlier_channel(m, 50.0).eval()
+    with torch.no_grad():
+        assert torch.allclose(planted(x), m(x), atol=1e-5)  # zero classifier weight: same logits
+    opts = [3, 10]
+    net = D.QuantPoints(planted, names, opts).eval()
+    sel = torch.zeros(32, len(names), 2)
+    sel[:, :, 1] = 1
+    with torch.no_grad():
+        a_hi = net(x, sel)
+        sel[:, -1] = torch.tensor([1.0, 0.0])  # last layer at 3 bits
+        a_lo = net(x, sel)
+        rec = D.activation_records(net, x, sel)
+    real_q = rec[-1][1][:, :-1]  # the real channels of the last quantized activation
+    assert float((real_q == 0).float().mean()) == 1.0  # all swallowed by the zero bin
+    assert not torch.allclose(a_lo, a_hi)
+    assert torch.allclose(m.fc.weight, planted.fc.weight[:, :-1])  # the original is not modified
+    with pytest.raises(ValueError, match="value"):
+        D.plant_outlier_channel(m, -1.0)
+    with pytest.raises(ValueError, match="model"):
+        D.plant_outlier_channel(torch.nn.Linear(2, 2), 10.0)
+
+
+def test_policy_selection_profits():
+    torch.manual_seed(0)
+    pol = D.PolicyCNN(3, 4).eval()
+    x = torch.rand(5, 1, 8, 8)
+    opts = [3, 4, 5, 6]
+    with torch.no_grad():
+        logits = pol(x)
+    assert torch.equal(D.policy_selection(pol, x, opts, 13, profit="logits"), D.mckp_select(logits, opts, 13))
+    assert torch.equal(D.policy_selection(pol, x, opts, 13, profit="softmax"),
+                       D.mckp_select(torch.softmax(logits, -1), opts, 13))
+    with pytest.raises(ValueError, match="profit"):
+        D.policy_selection(pol, x, opts, 13, profit="argmax")
+
+
+def _tiny_pair(tmp_path, kind, freeze_bn=True):
+    torch.manual_seed(0)
+    m, names = D.make_model("cnn4")
+    m.eval()
+    X = torch.rand(32, 1, 8, 8)
+    cfg = D.PairConfig(options=[3, 4, 5], budget=16, epochs=1, batch_size=16, freeze_bn=freeze_bn)
+    return m, names, X, cfg
+
+
+def test_train_or_load_pair_round_trip_and_frozen_bn(tmp_path):
+    m, names, X, cfg = _tiny_pair(tmp_path, "robust")
+    stats = m.bns[1].running_mean.clone()
+    path = tmp_path / "pair.pt"
+    pr, loaded = D.train_or_load_pair(m, names, X, "detrimental", cfg, path)
+    assert not loaded and path.exists() and len(pr.history) == 1
+    assert torch.equal(pr.net.backbone.bns[1].running_mean, stats)  # freeze_bn: statistics untouched
+    pr2, loaded2 = D.train_or_load_pair(m, names, X, "detrimental", cfg, path)
+    assert loaded2
+    assert torch.equal(D.pair_selection(pr, X), D.pair_selection(pr2, X))
+    assert torch.equal(D.predict(pr.net, X, D.pair_selection(pr, X)), D.predict(pr2.net, X, D.pair_selection(pr2, X)))
+    cfg_live = D.PairConfig(options=[3, 4, 5], budget=16, epochs=1, batch_size=16, freeze_bn=False)
+    pr3 = D.train_pair(m, names, X, "robust", cfg_live)
+    assert not torch.equal(pr3.net.backbone.bns[1].running_mean, stats)
+    assert D.config_tag(cfg) != D.config_tag(cfg_live)
+    with pytest.raises(ValueError, match="profit"):
+        D.train_pair(m, names, X, "robust", D.PairConfig(options=[3, 4, 5], budget=16, profit="probs"))
+
+
+def test_pair_row_keys_and_ranges(tmp_path):
+    m, names, X, cfg = _tiny_pair(tmp_path, "robust")
+    y = torch.randint(0, 10, (32,))
+    R = D.train_pair(m, names, X, "robust", cfg)
+    Dp = D.train_pair(m, names, X, "detrimental", cfg)
+    row = D.pair_row(R, Dp, X, y)
+    assert set(row) == {"R_fp", "R_drop", "D_fp", "D_drop", "D_random_drop",
+                        "distinct_allocations_R", "distinct_allocations_D"}
+    assert 0 <= row["R_fp"] <= 100 and 1 <= row["distinct_allocations_D"] <= 32
+    other = D.PairConfig(options=[3, 4, 5], budget=15, epochs=1, batch_size=16)
+    Dp.cfg = other
+    with pytest.raises(ValueError, match="budget"):
+        D.pair_row(R, Dp, X, y)
+
+
+def test_budget_letters_shift_for_option_sets_II_III():
+    assert D.budget_for(4, "A", D.OPTION_SETS["I"]) == 16
+    assert D.budget_for(4, "A", D.OPTION_SETS["II"]) == 20
+    assert D.budget_for(4, "A", D.OPTION_SETS["III"]) == 20  # every layer exactly 5 bits
+    assert D.budget_for(6, "B", D.OPTION_SETS["I"]) == 33
+    with pytest.raises(ValueError, match="infeasible"):
+        D.budget_for(4, 2.0, D.OPTION_SETS["I"])
