@@ -707,6 +707,7 @@ def plot_h_evolution(res: AdaRoundResult, title: str = "") -> Any:
     n_w = res.h.numel()
     ax.plot(hs, [r["reg"] / n_w for r in res.history], color="tab:orange", label="f_reg / #weights (0: warm start)")
     ax.set_xlabel("Adam step")
+    ax.set_ylabel("f_reg / #weights")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8, loc="upper left")
     ax2 = ax.twinx()

@@ -220,6 +220,9 @@ def resolve_fast(fast: bool) -> bool:
     """
     if not isinstance(fast, bool):
         raise ValueError(f"fast must be a bool (True/False), got {fast!r}")
+    from . import figaudit
+
+    figaudit.install()  # only when WORKBOOK_FIGURE_AUDIT is set (make test)
     raw = os.environ.get(FAST_ENV, "").strip().lower()
     if raw in _TRUE:
         return True

@@ -35,6 +35,8 @@ from typing import Any
 import nbformat
 
 from .harness import FAST_ENV, MAX_THREADS, RESULTS_DIR_ENV, markdown_table
+from . import figaudit
+from .figaudit import AUDIT_ENV as FIGURE_AUDIT_ENV
 from .kernel_polls import sliced_kernel_polls
 
 NOTEBOOK_NAME = re.compile(r"^\d\d_[a-z0-9_]+\.ipynb$")
@@ -65,6 +67,8 @@ class NotebookRun:
     """The JSON the notebook saved (empty if it saved none)."""
     slowest_cells: list[str] = field(default_factory=list)
     """The slowest code cells as 'In [n] 12.3 s: first line', so a slow run names its cause."""
+    figure_problems: list[str] = field(default_factory=list)
+    """Figures drawn without a title or axis labels (lecturelib.figaudit)."""
 
 
 @contextmanager
@@ -113,10 +117,13 @@ def run_notebook(path: Path, out: Path, fast: bool, timeout: int | None = None) 
     executed.parent.mkdir(parents=True, exist_ok=True)
     results_file = results_dir / f"{stem}.json"
     results_file.unlink(missing_ok=True)  # never report a stale result
+    audit_file = out / "figures" / f"{stem}.jsonl"
+    audit_file.unlink(missing_ok=True)
     start = time.perf_counter()
     error = ""
     try:
-        with patched_environ(kernel_env(fast, results_dir)), sliced_kernel_polls():
+        env = {**kernel_env(fast, results_dir), FIGURE_AUDIT_ENV: str(audit_file.resolve())}
+        with patched_environ(env), sliced_kernel_polls():
             papermill.execute_notebook(
                 str(path),
                 str(executed),
@@ -143,7 +150,8 @@ def run_notebook(path: Path, out: Path, fast: bool, timeout: int | None = None) 
         error = (
             f"no results: the last cell must call ll.save_results(results, RESULTS_DIR, {stem!r})"
         )
-    return NotebookRun(stem, not error, round(seconds, 2), fast, error, results, slowest)
+    return NotebookRun(stem, not error, round(seconds, 2), fast, error, results, slowest,
+                       figaudit.read(audit_file))
 
 
 def slowest_cells(executed: Path, top: int = 3) -> list[str]:

@@ -106,6 +106,9 @@ def test_fast_run(path):
     run = runs[path.stem]
     assert run["fast"], "the run was not in fast mode"
     assert run["ok"], f"{path.name} failed in fast mode: {run['error']}"
+    assert not run.get("figure_problems"), (
+        f"{path.name}: figures need a title and axis labels: {run['figure_problems']}"
+    )
     assert run["seconds"] <= FAST_BUDGET_S, (
         f"{path.name} took {run['seconds']:.0f} s in fast mode; the budget is {FAST_BUDGET_S:.0f} s; "
         f"slowest cells: {run.get('slowest_cells')}"
