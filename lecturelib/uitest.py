@@ -329,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("build/uitest"))
     parser.add_argument("--screens", type=Path, default=Path("build/screens"))
     args = parser.parse_args(argv)
+    # A SIGTERM (a CI timeout, make's trap) becomes SystemExit, so the finally blocks stop
+    # the browser, the kernels and the server instead of leaving them behind.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     root = Path.cwd()
     notebooks = args.notebooks or sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     missing = [str(p) for p in notebooks if not p.is_file()]

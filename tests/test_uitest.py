@@ -86,3 +86,41 @@ def test_browser_passes_good_and_fails_dead_or_broken(tmp_path, capsys):
     assert not broken["ok"] and any("deliberate failure" in e for e in broken["errors"])
     out = capsys.readouterr().out
     assert "91_good: 1 widgets rendered, 0 errors" in out and "1 passed, 2 failed" in out
+
+
+@pytest.mark.skipif(not HAS_CHROMIUM, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_sigterm_stops_the_server_and_its_kernels(tmp_path):
+    """Killing the runner (a CI timeout) must not leave JupyterLab or kernels behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "repo"
+    (root / "notebooks").mkdir(parents=True)
+    (root / "data").mkdir()
+    nbformat.write(_nb(["import time\ntime.sleep(120)"]), root / "notebooks" / "94_slow.ipynb")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "lecturelib.uitest", "--out", str(out), "--screens",
+                             str(tmp_path / "screens")], cwd=root)
+    log = out / "server.log"
+    deadline = time.monotonic() + 120
+    while "Kernel started" not in (log.read_text() if log.is_file() else ""):
+        assert time.monotonic() < deadline and proc.poll() is None, "the server or kernel never started"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", str(out / "notebooks")], capture_output=True, text=True).stdout.split()
+    assert [pid for pid in left if int(pid) != os.getpid()] == []
+    kernels = subprocess.run(["pgrep", "-f", "ipykernel_launcher"], capture_output=True, text=True).stdout.split()
+    serve = str((out / "notebooks").resolve())
+    ours = []
+    for pid in kernels:
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") == serve:
+                ours.append(pid)
+        except OSError:
+            pass
+    assert ours == [], "kernels of the killed run are still alive"
