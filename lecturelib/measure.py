@@ -240,17 +240,22 @@ class LatencySample:
         return self.percentile(90)
 
 
+
+def _check_timing_args(fn: Any, reps: Any, warmup: Any, threads: Any) -> None:
+    """ValueError unless fn is callable, reps >= 1, warmup >= 0 and threads >= 1 are ints."""
+    if not callable(fn):
+        raise ValueError("fn must be a callable taking no arguments")
+    for name, v, lo in (("reps", reps, 1), ("warmup", warmup, 0), ("threads", threads, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+
 def measure_latency(fn: Callable[[], Any], reps: int = 200, warmup: int = 20, threads: int = 2) -> LatencySample:
     """Time ``reps`` calls of ``fn`` one by one with time.perf_counter_ns after ``warmup`` untimed calls.
 
     Threads are pinned to ``threads`` for the run (and restored); autograd is off.
     Used in: 10_measure_one_level_deeper, bench/latency.py.
     """
-    if not callable(fn):
-        raise ValueError("fn must be a callable taking no arguments")
-    for name, v, lo in (("reps", reps, 1), ("warmup", warmup, 0), ("threads", threads, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    _check_timing_args(fn, reps, warmup, threads)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -405,11 +410,7 @@ def profile_breakdown(fn: Callable[[], Any], reps: int = 30, warmup: int = 5, th
     """
     from torch.profiler import ProfilerActivity, profile
 
-    if not callable(fn):
-        raise ValueError("fn must be a callable taking no arguments")
-    for name, v, lo in (("reps", reps, 1), ("warmup", warmup, 0), ("threads", threads, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    _check_timing_args(fn, reps, warmup, threads)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import logging
 import math
 import statistics
@@ -432,14 +431,12 @@ def load_or_train(path: str | Path, cfg: PPOConfig = PPOConfig()) -> tuple[nn.Se
 def state_dict_bytes(model: nn.Module) -> int:
     """Bytes of ``torch.save(model.state_dict())``: what the deployed checkpoint weighs on disk.
 
+    The same measure as ``qat_toolchains.serialized_size`` (one implementation).
     Used in: 08_cartpole_consistency.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    buf = io.BytesIO()
-    with quiet():
-        torch.save(model.state_dict(), buf)
-    return buf.getbuffer().nbytes
+    from .qat_toolchains import serialized_size
+
+    return serialized_size(model)
 
 
 @torch.inference_mode()
