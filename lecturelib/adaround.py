@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +49,6 @@ from .quantizers import (
     dequantize,
     fake_quantize,
     qparams_from_range,
-    qrange,
 )
 
 Tensor = torch.Tensor

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import statistics
 import time
 import warnings
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 from .harness import progress
-from .quantizers import PerChannel, QParams, choose_qparams, fake_quantize, qparams_from_range, qrange
+from .quantizers import PerChannel, QParams, choose_qparams, qparams_from_range, qrange
 from .ste import ste_fake_quantize
 
 Tensor = torch.Tensor

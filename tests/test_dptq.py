@@ -200,8 +200,11 @@ def test_train_or_load_pair_round_trip_and_frozen_bn(tmp_path):
     pr, loaded = D.train_or_load_pair(m, names, X, "detrimental", cfg, path)
     assert not loaded and path.exists() and len(pr.history) == 1
     assert torch.equal(pr.net.backbone.bns[1].running_mean, stats)  # freeze_bn: statistics untouched
+    assert set(pr.history[0]) == set(D.HISTORY_KEYS) and 0 <= pr.history[0]["q_agree"] <= 100
     pr2, loaded2 = D.train_or_load_pair(m, names, X, "detrimental", cfg, path)
     assert loaded2
+    assert [h[k] for h in pr2.history for k in D.HISTORY_KEYS] == pytest.approx(
+        [h[k] for h in pr.history for k in D.HISTORY_KEYS])  # the training curve travels with the checkpoint
     assert torch.equal(D.pair_selection(pr, X), D.pair_selection(pr2, X))
     assert torch.equal(D.predict(pr.net, X, D.pair_selection(pr, X)), D.predict(pr2.net, X, D.pair_selection(pr2, X)))
     cfg_live = D.PairConfig(options=[3, 4, 5], budget=16, epochs=1, batch_size=16, freeze_bn=False)
@@ -234,3 +237,61 @@ def test_budget_letters_shift_for_option_sets_II_III():
     assert D.budget_for(6, "B", D.OPTION_SETS["I"]) == 33
     with pytest.raises(ValueError, match="infeasible"):
         D.budget_for(4, 2.0, D.OPTION_SETS["I"])
+
+
+def test_all_options_quantizer_matches_one_option_at_a_time_values_and_gradients():
+    torch.manual_seed(0)
+    opts = D.OPTION_SETS["I"]
+    x = (torch.randn(5, 3, 4, 4) * torch.tensor([0.1, 1.0, 30.0, 2.0, 0.5]).reshape(-1, 1, 1, 1)).relu()
+    x[1] = 0.0  # a constant example
+    x.requires_grad_(True)
+    qs = D.dynamic_fake_quantize_options(x, opts)
+    assert qs.shape == (len(opts),) + x.shape
+    w = torch.rand(len(opts))
+    (qs * w.reshape(-1, 1, 1, 1, 1)).sum().backward()
+    g_all = x.grad.clone()
+    x.grad = None
+    ref = torch.stack([D.dynamic_fake_quantize(x, b) for b in opts])
+    assert torch.equal(qs.detach(), ref.detach())  # bit for bit, every option
+    (ref * w.reshape(-1, 1, 1, 1, 1)).sum().backward()
+    assert torch.allclose(g_all, x.grad, rtol=1e-5, atol=1e-6)  # the min/max path included
+    with pytest.raises(ValueError, match="options"):
+        D.dynamic_fake_quantize_options(x, [3, 3])
+
+
+def test_training_hook_equals_the_per_option_sum_bit_for_bit():
+    """The vectorized hook (every option, for the policy's gradient) gives the same outputs and
+    gradients as quantizing option by option, so training is unchanged by the speed-up."""
+    torch.manual_seed(1)
+    m, names = D.make_model("res6")
+    m.eval()
+    opts = D.OPTION_SETS["I"]
+    X = torch.rand(16, 1, 8, 8)
+    scores = torch.randn(16, len(names), len(opts), requires_grad=True)
+    net = D.QuantPoints(m, names, opts)
+    sel = D.ste_select(scores, opts, D.budget_for(len(names), "B", opts))
+    out = net(X, sel)
+    out.square().sum().backward()
+    g_scores, g_w = scores.grad.clone(), m.convs[2].weight.grad.clone()
+    # reference: the same network with the sum over options written out
+    scores.grad = None
+    m.zero_grad()
+    m2, _ = D.make_model("res6")
+    m2.load_state_dict(m.state_dict())
+    m2.eval()
+    acts = {}
+
+    def hook_for(l):
+        def hook(_m, _i, a):
+            w = sel[:, l, :]
+            return sum(w[:, k].reshape(-1, 1, 1, 1) * D.dynamic_fake_quantize(a, b) for k, b in enumerate(opts))
+        return hook
+    mods = dict(m2.named_modules())
+    for l, n in enumerate(names):
+        acts[n] = mods[n].register_forward_hook(hook_for(l))
+    sel = D.ste_select(scores, opts, D.budget_for(len(names), "B", opts))
+    out2 = m2(X)
+    out2.square().sum().backward()
+    assert torch.equal(out, out2)
+    assert torch.equal(m2.convs[2].weight.grad, g_w)
+    assert torch.equal(scores.grad, g_scores)

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import gymnasium as gym
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
