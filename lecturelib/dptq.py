@@ -252,6 +252,14 @@ def _round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def _example_range(x: Tensor, detach_range: bool) -> tuple[Tensor, Tensor]:
+    """Per example n: (min(0, min x_n), max(0, max x_n)), optionally detached from the graph."""
+    flat = x.reshape(x.shape[0], -1)
+    lo = flat.amin(1).clamp(max=0.0)
+    hi = flat.amax(1).clamp(min=0.0)
+    return (lo.detach(), hi.detach()) if detach_range else (lo, hi)
+
+
 def dynamic_fake_quantize(x: Tensor, num_bits: int, detach_range: bool = False) -> Tensor:
     """Per-example asymmetric (unsigned) fake quantization with each example's own min/max.
 
@@ -266,11 +274,7 @@ def dynamic_fake_quantize(x: Tensor, num_bits: int, detach_range: bool = False) 
         raise ValueError(f"num_bits must be an int in 2..16, got {num_bits!r}")
     if x.ndim < 1:
         raise ValueError("x must have a batch dimension")
-    flat = x.reshape(x.shape[0], -1)
-    lo = flat.amin(1).clamp(max=0.0)
-    hi = flat.amax(1).clamp(min=0.0)
-    if detach_range:
-        lo, hi = lo.detach(), hi.detach()
+    lo, hi = _example_range(x, detach_range)
     qmax = 2**num_bits - 1
     tiny = torch.finfo(torch.float32).tiny
     scale = ((hi - lo) / qmax).clamp(min=tiny)
@@ -301,11 +305,7 @@ def dynamic_fake_quantize_options(x: Tensor, options: Sequence[int], detach_rang
     opts = _check_options(options)
     if x.ndim < 1:
         raise ValueError("x must have a batch dimension")
-    flat = x.reshape(x.shape[0], -1)
-    lo = flat.amin(1).clamp(max=0.0)
-    hi = flat.amax(1).clamp(min=0.0)
-    if detach_range:
-        lo, hi = lo.detach(), hi.detach()
+    lo, hi = _example_range(x, detach_range)
     qmax = (2.0 ** torch.tensor(opts, dtype=x.dtype, device=x.device) - 1).reshape(-1, 1)  # (K, 1)
     tiny = torch.finfo(torch.float32).tiny
     scale = ((hi - lo) / qmax).clamp(min=tiny)  # (K, B)
