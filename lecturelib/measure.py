@@ -14,11 +14,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import logging
 import math
 import sysconfig
 import time
-import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,28 +30,10 @@ from torch.nn import functional as F
 
 from .gptq import GPTQConfig
 from .harness import progress
+from .qat_toolchains import quiet  # the one implementation (notebook 10 uses measure.quiet)
 from .quantizers import PerChannel, PerGroup, choose_qparams, quantize
 
 Tensor = torch.Tensor
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence torch.ao.quantization's deprecation warnings and torchao's import log (stderr fails nbgrader).
-
-    Used in: 10_measure_one_level_deeper.
-    """
-    logs = [logging.getLogger(n) for n in ("torch.utils._pytree", "torch.utils.cpp_extension")]
-    old = [log.level for log in logs]
-    for log in logs:
-        log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for log, level in zip(logs, old):
-            log.setLevel(level)
 
 
 # ----------------------------------------------------------------------------- size
@@ -135,6 +115,16 @@ def tensor_bytes(t: Tensor) -> int:
     return n
 
 
+def _state_of(model_or_state: nn.Module | dict) -> dict:
+    """A module's state_dict (torch.ao warnings silenced), or the dict itself; anything else is a ValueError."""
+    if isinstance(model_or_state, nn.Module):
+        with quiet():
+            model_or_state = model_or_state.state_dict()
+    if not isinstance(model_or_state, dict):
+        raise ValueError(f"model_or_state must be an nn.Module or a state dict, got {type(model_or_state).__name__}")
+    return model_or_state
+
+
 def memory_bytes(model_or_state: nn.Module | dict) -> int:
     """Bytes of the numbers a model keeps in memory: sum of tensor_bytes over its state_dict.
 
@@ -142,11 +132,7 @@ def memory_bytes(model_or_state: nn.Module | dict) -> int:
     int8 tensors of the same element count. Python objects and allocator slack are not counted.
     Used in: 10_measure_one_level_deeper.
     """
-    if isinstance(model_or_state, nn.Module):
-        with quiet():
-            model_or_state = model_or_state.state_dict()
-    if not isinstance(model_or_state, dict):
-        raise ValueError(f"model_or_state must be an nn.Module or a state dict, got {type(model_or_state).__name__}")
+    model_or_state = _state_of(model_or_state)
     return sum(tensor_bytes(t) for t in _tensors(model_or_state))
 
 
@@ -157,11 +143,7 @@ def bytes_by_dtype(model_or_state: nn.Module | dict) -> dict[str, int]:
     zero points count with its own dtype; a tensor subclass (torchao) is split into its inner tensors.
     Used in: 10_measure_one_level_deeper.
     """
-    if isinstance(model_or_state, nn.Module):
-        with quiet():
-            model_or_state = model_or_state.state_dict()
-    if not isinstance(model_or_state, dict):
-        raise ValueError(f"model_or_state must be an nn.Module or a state dict, got {type(model_or_state).__name__}")
+    model_or_state = _state_of(model_or_state)
     out: dict[str, int] = {}
 
     def add(t: Tensor) -> None:

@@ -35,21 +35,25 @@ Tensor = torch.Tensor
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Silence the deprecation chatter of torch.ao.quantization and torchao (stderr fails nbgrader).
+    """Silence torch.ao.quantization's deprecation warnings and torchao's import-time log lines
+    (anything on stderr fails nbgrader).
 
-    Ignores Python warnings and raises the ``torch.utils._pytree`` logger (torchao's import logs
-    an Enum-registration notice there) to ERROR, restoring both afterwards.
-    Used in: 05_qat_ste (inside ``eager_qat`` and ``torchao_qat``).
+    Ignores Python warnings and raises the ``torch.utils._pytree`` and ``torch.utils.cpp_extension``
+    loggers (torchao logs an Enum-registration notice and an extension note there) to ERROR,
+    restoring everything afterwards. The one implementation: rl and measure import it.
+    Used in: 05_qat_ste, 08_cartpole_consistency, 10_measure_one_level_deeper.
     """
-    log = logging.getLogger("torch.utils._pytree")
-    old = log.level
-    log.setLevel(logging.ERROR)
+    logs = [logging.getLogger(n) for n in ("torch.utils._pytree", "torch.utils.cpp_extension")]
+    old = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        log.setLevel(old)
+        for log, level in zip(logs, old):
+            log.setLevel(level)
 
 
 # ----------------------------------------------------------------------------- toolchains

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ import torch
 from torch import nn
 
 from .harness import progress
+from .qat_toolchains import quiet  # noqa: F401  (rl.quiet is used by notebook 08)
 from .quantizers import PerChannel, QParams, choose_qparams, qparams_from_range, qrange
 from .ste import ste_fake_quantize
 
@@ -59,23 +58,6 @@ STATE_NAMES = ("cart position", "cart velocity", "pole angle", "pole angular vel
 
 
 # ----------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence torch.ao's deprecation warnings and torchao's import-time log line (stderr fails nbgrader).
-
-    Used in: 08_cartpole_consistency (inside every function here that touches torch.ao or torchao).
-    """
-    log = logging.getLogger("torch.utils._pytree")
-    old = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        log.setLevel(old)
-
-
 @contextlib.contextmanager
 def threads(n: int) -> Iterator[None]:
     """Run a block with ``torch.set_num_threads(n)`` and restore the old count afterwards.
